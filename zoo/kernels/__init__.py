@@ -1,0 +1,18 @@
+"""Triton kernels, each beside its pure-PyTorch reference. No nn.Modules here.
+
+CUDA tensors run the Triton kernels; CPU tensors run the references (the tests also run the
+kernels on the CPU through ``TRITON_INTERPRET=1`` at tiny sizes).
+"""
+
+from zoo.lazy import lazy_exports
+
+_EXPORTS = {
+    # block-sparse flash attention and the one mask type of the library
+    "BlockSparseMask": "block_mask",
+    "block_sparse_attention": "block_sparse",
+    "block_sparse_attention_reference": "block_sparse",
+    "dense_attention_reference": "block_sparse",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
