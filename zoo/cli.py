@@ -28,6 +28,7 @@ from zoo.progress import get_logger, set_quiet
 COMMAND_MODULES = (
     "zoo.kernels.commands",
     "zoo.layers.commands",
+    "zoo.layers.routing_commands",
     "zoo.vision.commands",
     "zoo.text.commands",
     "zoo.llm.commands",
