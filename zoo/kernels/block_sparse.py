@@ -25,7 +25,6 @@ visible key returns 0 and ``lse = -inf``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -297,8 +296,658 @@ def block_sparse_attention(
     return _triton_attention(q, k, v, mask, causal=causal, scale=scale, return_lse=return_lse)
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. The raw functions are turned into Triton kernels at the first launch (see
+# ``_kernels``), so that whether they run compiled or through the interpreter
+# (TRITON_INTERPRET=1) is decided when they are launched, not when this module is imported.
+# Tiles: BLOCK_M queries x BLOCK_N keys, each dividing the mask's block_q x block_k.
+# ---------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs without triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if tl is not None:
+
+    def _fwd_kernel(
+        Q, K, V, Out, Lse,
+        KvNum, KvIdx, KvInterior, Perm,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on,
+        stride_mb, stride_mh, stride_mq,
+        stride_ib, stride_ih, stride_iq,
+        stride_pb, stride_ph,
+        q_len, kv_len, heads, group, scale_log2,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PERM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = pid_bh // heads
+        off_h = pid_bh % heads
+        off_hkv = off_h // group
+        offset = kv_len - q_len  # position of query 0
+        q_block = (pid_m * BLOCK_M) // MASK_BQ
+        SUBS: tl.constexpr = MASK_BK // BLOCK_N
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        d_ok = offs_d < HEAD_DIM
+        q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        q = tl.load(
+            q_ptrs + offs_m[:, None] * stride_qn + offs_d[None, :],
+            mask=(offs_m[:, None] < q_len) & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter multiplies bfloat16 as raw integers
+            q = q.to(tl.float32)
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+        v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+        perm_base = Perm + off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
+
+        row = off_b * stride_mb + off_h * stride_mh + q_block * stride_mq
+        num_kept = tl.load(KvNum + row)
+        num_interior = tl.load(KvInterior + row)
+        idx_base = (
+            KvIdx
+            + off_b.to(tl.int64) * stride_ib
+            + off_h.to(tl.int64) * stride_ih
+            + q_block.to(tl.int64) * stride_iq
+        )
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        query_pos = offset + offs_m
+
+        # run 0: blocks that need no element mask; run 1: the rest
+        for run in tl.static_range(2):
+            if run == 0:
+                lo = 0
+                hi = num_interior * SUBS
+            else:
+                lo = num_interior * SUBS
+                hi = num_kept * SUBS
+            for t in range(lo, hi):
+                key_block = tl.load(idx_base + t // SUBS)
+                slots = key_block * MASK_BK + (t % SUBS) * BLOCK_N + offs_n
+                slot_ok = slots < kv_len
+                if HAS_PERM:
+                    rows = tl.load(perm_base + slots, mask=slot_ok, other=0)
+                else:
+                    rows = slots
+                if run == 0:
+                    k = tl.load(
+                        k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0
+                    )
+                    v = tl.load(
+                        v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0
+                    )
+                else:
+                    kv_ok = slot_ok[:, None] & d_ok[None, :]
+                    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+                    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                if run == 0:
+                    m_new = tl.maximum(m_i, tl.max(qk, 1))
+                    m_use = m_new
+                else:
+                    visible = slot_ok[None, :]
+                    if CAUSAL:
+                        visible = visible & (rows[None, :] <= query_pos[:, None])
+                    qk = tl.where(visible, qk, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(qk, 1))
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk - m_use[:, None])
+                alpha = tl.math.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m_i = m_new
+
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        o_ptrs = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+        tl.store(
+            o_ptrs + offs_m[:, None] * stride_on + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=(offs_m[:, None] < q_len) & d_ok[None, :],
+        )
+        lse = tl.where(
+            empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+        )
+        tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+    def _bwd_delta_kernel(
+        Out, DOut, Delta,
+        stride_ob, stride_oh, stride_on,
+        stride_db, stride_dh, stride_dn,
+        q_len, heads,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = pid_bh // heads
+        off_h = pid_bh % heads
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+        o = tl.load(
+            Out
+            + off_b.to(tl.int64) * stride_ob
+            + off_h.to(tl.int64) * stride_oh
+            + offs_m[:, None] * stride_on
+            + offs_d[None, :],
+            mask=ok,
+            other=0.0,
+        )
+        do = tl.load(
+            DOut
+            + off_b.to(tl.int64) * stride_db
+            + off_h.to(tl.int64) * stride_dh
+            + offs_m[:, None] * stride_dn
+            + offs_d[None, :],
+            mask=ok,
+            other=0.0,
+        )
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(Delta + pid_bh.to(tl.int64) * q_len + offs_m, delta, mask=offs_m < q_len)
+
+    def _bwd_dq_kernel(
+        Q, K, V, DOut, DQ, Lse, Delta,
+        KvNum, KvIdx, KvInterior, Perm,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_db, stride_dh, stride_dn,
+        stride_mb, stride_mh, stride_mq,
+        stride_ib, stride_ih, stride_iq,
+        stride_pb, stride_ph,
+        q_len, kv_len, heads, group, scale_log2, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PERM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # DQ has q's strides; DOut has its own (stride_d*)
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = pid_bh // heads
+        off_h = pid_bh % heads
+        off_hkv = off_h // group
+        offset = kv_len - q_len
+        q_block = (pid_m * BLOCK_M) // MASK_BQ
+        SUBS: tl.constexpr = MASK_BK // BLOCK_N
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        d_ok = offs_d < HEAD_DIM
+        row_ok = offs_m < q_len
+        q_off = (
+            off_b.to(tl.int64) * stride_qb
+            + off_h.to(tl.int64) * stride_qh
+            + offs_m[:, None] * stride_qn
+            + offs_d[None, :]
+        )
+        q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        do_off = (
+            off_b.to(tl.int64) * stride_db
+            + off_h.to(tl.int64) * stride_dh
+            + offs_m[:, None] * stride_dn
+            + offs_d[None, :]
+        )
+        do = tl.load(DOut + do_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(Lse + pid_bh.to(tl.int64) * q_len + offs_m, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + pid_bh.to(tl.int64) * q_len + offs_m, mask=row_ok, other=0.0)
+        k_base = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+        v_base = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+        perm_base = Perm + off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
+
+        row = off_b * stride_mb + off_h * stride_mh + q_block * stride_mq
+        num_kept = tl.load(KvNum + row)
+        num_interior = tl.load(KvInterior + row)
+        idx_base = (
+            KvIdx
+            + off_b.to(tl.int64) * stride_ib
+            + off_h.to(tl.int64) * stride_ih
+            + q_block.to(tl.int64) * stride_iq
+        )
+        query_pos = offset + offs_m
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        for run in tl.static_range(2):
+            if run == 0:
+                lo = 0
+                hi = num_interior * SUBS
+            else:
+                lo = num_interior * SUBS
+                hi = num_kept * SUBS
+            for t in range(lo, hi):
+                key_block = tl.load(idx_base + t // SUBS)
+                slots = key_block * MASK_BK + (t % SUBS) * BLOCK_N + offs_n
+                slot_ok = slots < kv_len
+                if HAS_PERM:
+                    rows = tl.load(perm_base + slots, mask=slot_ok, other=0)
+                else:
+                    rows = slots
+                if run == 0:
+                    k = tl.load(
+                        k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=d_ok[None, :], other=0.0
+                    )
+                    v = tl.load(
+                        v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0
+                    )
+                else:
+                    kv_ok = slot_ok[:, None] & d_ok[None, :]
+                    k = tl.load(k_base + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+                    v = tl.load(v_base + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                if run == 1:
+                    visible = slot_ok[None, :]
+                    if CAUSAL:
+                        visible = visible & (rows[None, :] <= query_pos[:, None])
+                    qk = tl.where(visible, qk, float("-inf"))
+                p = tl.math.exp2(qk - lse[:, None])
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+        dq_off = (
+            off_b.to(tl.int64) * stride_qb
+            + off_h.to(tl.int64) * stride_qh
+            + offs_m[:, None] * stride_qn
+            + offs_d[None, :]
+        )
+        tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    def _bwd_dkdv_kernel(
+        Q, K, V, DOut, DK, DV, Lse, Delta,
+        QNum, QIdx, QMasked, Perm,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_db, stride_dh, stride_dn,
+        stride_mb, stride_mh, stride_mk,
+        stride_ib, stride_ih, stride_ik,
+        stride_pb, stride_ph,
+        q_len, kv_len, heads, kv_heads, group, scale_log2, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        MASK_BQ: tl.constexpr, MASK_BK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_PERM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # DK has k's strides and DV v's strides (both fresh contiguous buffers of the same shape)
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = pid_bh // kv_heads
+        off_hkv = pid_bh % kv_heads
+        offset = kv_len - q_len
+        key_block = (pid_n * BLOCK_N) // MASK_BK
+        SUBS: tl.constexpr = MASK_BQ // BLOCK_M
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_mt = tl.arange(0, BLOCK_M)
+        d_ok = offs_d < HEAD_DIM
+        slot_ok = offs_n < kv_len
+        if HAS_PERM:
+            perm_base = Perm + off_b.to(tl.int64) * stride_pb + off_hkv.to(tl.int64) * stride_ph
+            rows = tl.load(perm_base + offs_n, mask=slot_ok, other=0)
+        else:
+            rows = offs_n
+        kv_ok = slot_ok[:, None] & d_ok[None, :]
+        k_off = (
+            off_b.to(tl.int64) * stride_kb
+            + off_hkv.to(tl.int64) * stride_kh
+            + rows[:, None] * stride_kn
+            + offs_d[None, :]
+        )
+        v_off = (
+            off_b.to(tl.int64) * stride_vb
+            + off_hkv.to(tl.int64) * stride_vh
+            + rows[:, None] * stride_vn
+            + offs_d[None, :]
+        )
+        k = tl.load(K + k_off, mask=kv_ok, other=0.0)
+        v = tl.load(V + v_off, mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        for g in range(0, group):
+            off_h = off_hkv * group + g
+            row = off_b * stride_mb + off_h * stride_mh + key_block * stride_mk
+            num_listed = tl.load(QNum + row)
+            num_masked = tl.load(QMasked + row)
+            idx_base = (
+                QIdx
+                + off_b.to(tl.int64) * stride_ib
+                + off_h.to(tl.int64) * stride_ih
+                + key_block.to(tl.int64) * stride_ik
+            )
+            q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+            do_base = DOut + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
+            stat_base = (off_b * heads + off_h).to(tl.int64) * q_len
+            # run 0: query blocks that need the element mask (a prefix of the ascending list)
+            for run in tl.static_range(2):
+                if run == 0:
+                    lo = 0
+                    hi = num_masked * SUBS
+                else:
+                    lo = num_masked * SUBS
+                    hi = num_listed * SUBS
+                for t in range(lo, hi):
+                    q_block = tl.load(idx_base + t // SUBS)
+                    offs_m = q_block * MASK_BQ + (t % SUBS) * BLOCK_M + offs_mt
+                    row_ok = offs_m < q_len
+                    q = tl.load(
+                        q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
+                    do = tl.load(
+                        do_base + offs_m[:, None] * stride_dn + offs_d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        q = q.to(tl.float32)
+                        do = do.to(tl.float32)
+                    lse = tl.load(Lse + stat_base + offs_m, mask=row_ok, other=float("inf"))
+                    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                    delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
+                    qk_t = (
+                        tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+                    )  # [BLOCK_N, BLOCK_M]
+                    if run == 0:
+                        visible = slot_ok[:, None]
+                        if CAUSAL:
+                            visible = visible & (rows[:, None] <= (offset + offs_m)[None, :])
+                        qk_t = tl.where(visible, qk_t, float("-inf"))
+                    p_t = tl.math.exp2(qk_t - lse[None, :])
+                    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+                    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                    ds_t = p_t * (dp_t - delta[None, :])
+                    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+
+        tl.store(DK + k_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+_KERNEL_NAMES = ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
+_KERNELS: dict[bool, dict[str, Any]] = {}
+_AUTOTUNED: dict[tuple, Any] = {}
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); pruned to tiles dividing the mask blocks
+_FWD_CONFIGS = [
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 32, 4, 4),
+]
+_DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4)]
+_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2)]
+_AUTOTUNE_KEY = ["HEAD_DIM", "MASK_BQ", "MASK_BK", "CAUSAL", "HAS_PERM"]
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels() -> dict[str, Any]:
+    """The Triton kernels, compiled or interpreted as TRITON_INTERPRET says at launch time."""
+    interpret = _interpreting()
+    if interpret not in _KERNELS:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction as wrap
+        else:
+            from triton.runtime.jit import JITFunction as wrap
+        _KERNELS[interpret] = {name: wrap(globals()[name]) for name in _KERNEL_NAMES}
+    return _KERNELS[interpret]
+
+
+def _tuned(name: str, configs: list, block_q: int, block_k: int) -> Any:
+    """An autotuned launcher over the configs whose tiles divide the mask blocks."""
+    key = (name, block_q, block_k)
+    if key not in _AUTOTUNED:
+        fits = [c for c in configs if block_q % c[0] == 0 and block_k % c[1] == 0]
+        if not fits:
+            fits = [(16, 16, 4, 2)]
+        triton_configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits
+        ]
+        _AUTOTUNED[key] = triton.autotune(configs=triton_configs, key=_AUTOTUNE_KEY)(_kernels()[name])
+    return _AUTOTUNED[key]
+
+
+def _launch(name: str, configs: list, grid_fn, args: tuple, meta: dict, block_q: int, block_k: int) -> None:
+    import os
+
+    if _interpreting():
+        tiles = {"BLOCK_M": min(16, block_q), "BLOCK_N": min(16, block_k)}
+        _kernels()[name][grid_fn(tiles)](*args, **meta, **tiles)
+    elif os.environ.get("ZOO_AUTOTUNE", "1") == "0":  # first fitting config: quick tests
+        fits = [c for c in configs if block_q % c[0] == 0 and block_k % c[1] == 0]
+        m, n, warps, stages = fits[0] if fits else (16, 16, 4, 2)
+        tiles = {"BLOCK_M": m, "BLOCK_N": n}
+        _kernels()[name][grid_fn(tiles)](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
+    else:
+        _tuned(name, configs, block_q, block_k)[grid_fn](*args, **meta)
+
+
+def _interior_counts(mask: BlockSparseMask, causal: bool) -> Tensor:
+    """int32 ``[B, H, Qb]``: how many leading kept key blocks of each row need no element mask.
+
+    A key block needs none when it is not the ragged last block and, with ``causal``, lies
+    entirely at or before the first query of the query block (never, with a key permutation).
+    The kept lists are ascending, so these blocks are a prefix of each list.
+    """
+    device = mask.kv_indices.device
+    num_q_blocks = mask.num_q_blocks
+    limit = torch.full((num_q_blocks,), mask.kv_len // mask.block_k, dtype=torch.int64, device=device)
+    if causal:
+        if mask.key_perm is not None:
+            limit = torch.zeros_like(limit)
+        else:
+            first_query_pos = (
+                mask.kv_len - mask.q_len + torch.arange(num_q_blocks, device=device) * mask.block_q
+            )
+            visible = torch.div(first_query_pos + 1, mask.block_k, rounding_mode="floor").clamp_min(0)
+            limit = torch.minimum(limit, visible)
+    listed = torch.arange(mask.kv_indices.shape[-1], device=device) < mask.kv_num_blocks[..., None]
+    return (listed & (mask.kv_indices < limit[None, None, :, None])).sum(-1, dtype=torch.int32)
+
+
+def _transposed_lists(mask: BlockSparseMask, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per key block: the query blocks that keep it (ascending), their count, and how many
+    leading ones need an element mask (``[B, H, Kb]``, ``[B, H, Kb, Qmax]``, ``[B, H, Kb]``)."""
+    from zoo.kernels.block_mask import _dense_to_lists, _lists_to_dense
+
+    # from the lists the forward walks (not to_dense, which would add any full_* blocks)
+    dense_t = _lists_to_dense(mask.kv_num_blocks, mask.kv_indices, mask.num_k_blocks).transpose(-1, -2)
+    q_num, q_idx = _dense_to_lists(dense_t)
+    device = q_idx.device
+    num_k_blocks, num_q_blocks = mask.num_k_blocks, mask.num_q_blocks
+    key_block = torch.arange(num_k_blocks, device=device)
+    ragged = (key_block + 1) * mask.block_k > mask.kv_len  # [Kb]
+    listed = torch.arange(q_idx.shape[-1], device=device) < q_num[..., None]
+    if causal and mask.key_perm is not None:
+        needs = torch.ones_like(listed)
+    else:
+        needs = ragged[None, None, :, None].expand_as(listed)
+        if causal:
+            first_query_pos = (
+                mask.kv_len - mask.q_len + torch.arange(num_q_blocks, device=device) * mask.block_q
+            )
+            limit = torch.div(first_query_pos + 1, mask.block_k, rounding_mode="floor")  # [Qb]
+            needs = needs | (key_block[None, None, :, None] >= limit[q_idx.long()])
+    return q_num, q_idx, (listed & needs).sum(-1, dtype=torch.int32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 or (_interpreting() and dtype == torch.bfloat16) else "tf32"
+
+
+def _strides3(t: Tensor) -> tuple[int, int, int]:
+    """Batch, head, row strides; size-1 (broadcast) dimensions get stride 0."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) for i in range(3))
+
+
+def _row_major(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_triton_inputs(q: Tensor, mask: BlockSparseMask) -> None:
+    if triton is None:
+        raise ValueError("backend: 'triton' needs the triton package; use backend='torch'")
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q: the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"q: the Triton kernels take head dims up to 256, got {q.shape[-1]}")
+    for name, size in (("block_q", mask.block_q), ("block_k", mask.block_k)):
+        if size % 16:
+            raise ValueError(f"mask.{name}: the Triton kernels need multiples of 16, got {size}")
+
+
+def _mask_args(mask: BlockSparseMask, q: Tensor) -> tuple:
+    perm = mask.key_perm
+    if perm is None:
+        perm_arg, perm_strides = mask.kv_indices, (0, 0)  # never read
+    else:
+        perm_arg = perm.to(torch.int32).contiguous()
+        perm_strides = tuple(0 if perm_arg.shape[i] == 1 else perm_arg.stride(i) for i in range(2))
+    return perm_arg, perm_strides
+
+
+def _forward(q, k, v, mask, causal, scale):
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    interior = _interior_counts(mask, causal)
+    kv_num, kv_idx = mask.kv_num_blocks, _row_major(mask.kv_indices)
+    perm_arg, perm_strides = _mask_args(mask, q)
+    args = (
+        q, k, v, out, lse, kv_num, kv_idx, interior, perm_arg,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
+        *_strides3(kv_num), *_strides3(kv_idx), *perm_strides,
+        q_len, kv_len, heads, heads // kv_heads, scale * LOG2E,
+    )  # fmt: skip
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        MASK_BQ=mask.block_q,
+        MASK_BK=mask.block_k,
+        CAUSAL=bool(causal),
+        HAS_PERM=mask.key_perm is not None,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+    )
+    grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
+    _launch("_fwd_kernel", _FWD_CONFIGS, grid, args, meta, mask.block_q, mask.block_k)
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, out, lse, mask, causal, scale):
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    grad_out = _row_major(grad_out)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    delta = torch.empty_like(lse)
+    kernels = _kernels()
+    delta_block = 64
+    kernels["_bwd_delta_kernel"][(triton.cdiv(q_len, delta_block), batch * heads)](
+        out, grad_out, delta, *_strides3(out), *_strides3(grad_out), q_len, heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block,
+    )  # fmt: skip
+    perm_arg, perm_strides = _mask_args(mask, q)
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        MASK_BQ=mask.block_q,
+        MASK_BK=mask.block_k,
+        CAUSAL=bool(causal),
+        HAS_PERM=mask.key_perm is not None,
+        PRECISION=_precision(q.dtype),
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+    )
+
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    interior = _interior_counts(mask, causal)
+    kv_num, kv_idx = mask.kv_num_blocks, _row_major(mask.kv_indices)
+    if dq.stride() != q.stride():
+        q = q.contiguous()
+    args = (
+        q, k, v, grad_out, dq, lse, delta, kv_num, kv_idx, interior, perm_arg,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
+        *_strides3(kv_num), *_strides3(kv_idx), *perm_strides,
+        q_len, kv_len, heads, heads // kv_heads, scale * LOG2E, scale,
+    )  # fmt: skip
+    grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
+    _launch("_bwd_dq_kernel", _DQ_CONFIGS, grid, args, meta, mask.block_q, mask.block_k)
+
+    k, v = k.contiguous(), v.contiguous()
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    q_num, q_idx, q_masked = _transposed_lists(mask, causal)
+    args = (
+        q, k, v, grad_out, dk, dv, lse, delta, q_num, q_idx, q_masked, perm_arg,
+        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_out),
+        *_strides3(q_num), *_strides3(q_idx), *perm_strides,
+        q_len, kv_len, heads, kv_heads, heads // kv_heads, scale * LOG2E, scale,
+    )  # fmt: skip
+    grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
+    _launch("_bwd_dkdv_kernel", _DKDV_CONFIGS, grid, args, meta, mask.block_q, mask.block_k)
+    return dq, dk, dv
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale):
+        out, lse = _forward(q, k, v, mask, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.mask, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
 def _triton_attention(q, k, v, mask, *, causal, scale, return_lse) -> Any:
-    raise NotImplementedError("the Triton kernels are not built yet; use backend='torch'")
-
-
-_ = math  # used by the kernels below
+    _check_triton_inputs(q, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v = _row_major(q), _row_major(k), _row_major(v)
+    out, lse = _BlockSparseAttention.apply(q, k, v, mask, bool(causal), scale)
+    return (out, lse) if return_lse else out
