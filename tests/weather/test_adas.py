@@ -1,0 +1,152 @@
+"""Adas against the plain reference of the official computation, on official-layout checkpoints."""
+
+import pytest
+import torch
+
+import zoo
+from zoo import checkpoints
+from zoo.weather.adas import Adas, official_key_to_zoo, unify_mae
+from zoo.weather.adas_reference import (
+    OfficialConfig,
+    adas_reference_forward,
+    official_state_shapes,
+    random_official_state,
+)
+
+# odd latitude count (721-like patch rule), 3 levels, windows that shrink at the deepest stage
+CFG = OfficialConfig(grid=(17, 32), levels=3, dim=16, patch=(1, 2, 2), window=(2, 2, 4), depth=2, heads=2)
+OVERRIDES = dict(
+    grid=(17, 32), levels=3, dim=16, patch_size=(1, 2, 2), window_size=(2, 2, 4), depth=2, num_heads=2
+)
+
+
+def inputs(batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = 4 + 5 * CFG.levels
+    bg = torch.randn(batch, C, *CFG.grid, generator=g)
+    mask = (torch.rand(batch, C, *CFG.grid, generator=g) < 0.3).float()
+    obs = torch.randn(batch, C, *CFG.grid, generator=g) * mask
+    return bg, obs, mask
+
+
+def test_registered_configs_have_the_published_sizes():
+    info = zoo.model_info("adas_fengwu69_1p40625")
+    assert info["params"] == pytest.approx(64.5e6, rel=2e-3)
+    assert info["config"]["window_size"] == (2, 4, 8)
+    info = zoo.model_info("adas_fengwu69_0p25")
+    assert info["params"] == pytest.approx(291.3e6, rel=2e-3)
+    assert info["config"]["patch_size"] == (1, 6, 6)
+
+
+def test_official_layout_is_complete_and_loads_strictly(tmp_path):
+    state = random_official_state(CFG)
+    path = tmp_path / "best_model.pth"
+    torch.save({"model": state}, path)
+    model = zoo.create("adas_fengwu69_0p25", checkpoint=path, **OVERRIDES)
+    ours = model.state_dict()
+    mapped = {official_key_to_zoo(k) for k in state if not k.endswith("relative_position_index")}
+    assert mapped == set(ours)
+    for key, value in state.items():
+        if not key.endswith("relative_position_index"):
+            assert torch.equal(ours[official_key_to_zoo(key)], value), key
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_official_checkpoint_gives_reference_analysis(tmp_path, fused):
+    state = random_official_state(CFG, seed=3)
+    path = tmp_path / "adas.pth"
+    torch.save(state, path)
+    model = zoo.create("adas_fengwu69_0p25", checkpoint=path, **OVERRIDES).eval()
+    model.set_fused_attention(fused)
+    bg, obs, mask = inputs(batch=2)
+    with torch.no_grad():
+        out = model(bg, obs, mask)
+        ref = adas_reference_forward(state, bg, obs, mask, CFG)
+    assert out.shape == bg.shape
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+    # the observations matter: a different observation changes the analysis
+    with torch.no_grad():
+        other = model(bg, torch.randn_like(obs) * mask, mask)
+    assert ((other - out).norm() / out.norm()).item() > 1e-3
+
+
+def test_official_checkpoint_missing_key_is_named(tmp_path):
+    state = random_official_state(CFG)
+    state.pop("layer3.crosslayer.obser2.attn.q.weight")
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(checkpoints.CheckpointError, match="cross.observation_attn_shifted.attn.q.weight"):
+        zoo.create("adas_fengwu69_0p25", checkpoint=path, **OVERRIDES)
+
+
+def test_wrong_relative_index_is_refused(tmp_path):
+    state = random_official_state(CFG)
+    key = "decoder.blocks.1.attn.relative_position_index"
+    state[key] = state[key].flip(0)
+    torch.save(state, tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="relative_position_index"):
+        zoo.create("adas_fengwu69_0p25", checkpoint=tmp_path / "x.pth", **OVERRIDES)
+
+
+def test_own_layout_round_trip(tmp_path):
+    model = zoo.create("adas_osse_tiny").eval()
+    path = checkpoints.save(model.state_dict(), tmp_path / "adas.safetensors")
+    again = zoo.create("adas_osse_tiny", checkpoint=path).eval()
+    x = torch.randn(1, 3, 16, 32)
+    m = (torch.rand_like(x) < 0.2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, x * m, m), again(x, x * m, m))
+
+
+def test_osse_configs_forward_backward():
+    model = zoo.create("adas_osse_tiny", grad_checkpointing=True)
+    x = torch.randn(2, 3, 16, 32)
+    m = (torch.rand_like(x) < 0.2).float()
+    out = model(x, x * m, m)
+    unify_mae(out, torch.zeros_like(out)).backward()
+    for name in (
+        "embed_background.upper.weight",
+        "embed_observation.upper.weight",
+        "embed_mask.upper.weight",
+    ):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert model.token_grid == (1, 8, 16)
+
+
+def test_bad_input_shape():
+    model = Adas(
+        grid=(16, 32),
+        levels=1,
+        surface_variables=0,
+        upper_variables=3,
+        dim=8,
+        patch_size=(1, 2, 2),
+        window_size=(1, 2, 4),
+        depth=1,
+        num_heads=2,
+    )
+    x = torch.randn(1, 3, 16, 32)
+    with pytest.raises(ValueError, match=r"mask: expected \(B, 3, 16, 32\)"):
+        model(x, x, x[:, :2])
+
+
+def test_unify_mae_hand_computed():
+    pred = torch.tensor([[[[1.0]], [[4.0]], [[0.5]]]])  # (1, 3, 1, 1)
+    target = torch.zeros_like(pred)
+    # channel losses 1, 4, 0.5; each rescaled to channel 0's value 1: (1 + 1 + 1) / 3
+    assert unify_mae(pred, target).item() == pytest.approx(1.0)
+    pred.requires_grad_()
+    unify_mae(pred, target).backward()
+    # d/dx of l_i * (l_0 / l_i)_detached = sign * l_0 / l_i / 3
+    torch.testing.assert_close(pred.grad.flatten(), torch.tensor([1 / 3, 1 / 12, 2 / 3]))
+
+
+def test_official_shapes_cover_every_parameter():
+    shapes = official_state_shapes(CFG)
+    model = zoo.create("adas_fengwu69_0p25", **OVERRIDES)
+    params = sum(p.numel() for p in model.parameters())
+    official = sum(
+        torch.Size(s).numel() for k, s in shapes.items() if not k.endswith("relative_position_index")
+    )
+    assert params == official
