@@ -12,6 +12,10 @@ _EXPORTS = {
     "block_sparse_attention": "block_sparse",
     "block_sparse_attention_reference": "block_sparse",
     "dense_attention_reference": "block_sparse",
+    # XAttention's antidiagonal block scoring
+    "antidiagonal_block_scores": "antidiagonal",
+    "antidiagonal_block_scores_reference": "antidiagonal",
+    "antidiagonal_block_scores_triton": "antidiagonal",
 }
 
 __all__ = sorted(_EXPORTS)

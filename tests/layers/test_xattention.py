@@ -1,0 +1,267 @@
+"""XAttention (arXiv 2503.16428): antidiagonal scoring, threshold selection, block-sparse attention."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo.kernels import BlockSparseMask, dense_attention_reference
+from zoo.kernels.antidiagonal import (
+    antidiagonal_block_scores,
+    antidiagonal_block_scores_reference,
+    antidiagonal_block_scores_triton,
+)
+from zoo.layers import XAttention
+
+
+def explicit_antidiagonal_scores(q, k, block_q, block_k, stride, causal):
+    """Block scores by explicit loops in fp64: every cell's antidiagonal, softmax per query group."""
+    batch, heads, n, dim = q.shape
+    kv_heads, m = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qb, kb = -(-n // block_q), -(-m // block_k)
+    rows, cols = qb * block_q // stride, kb * block_k // stride
+    out = torch.zeros(batch, heads, qb, kb, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for r in range(rows):
+                if r * stride >= n:
+                    continue
+                logits = []
+                for c in range(cols):
+                    last_query_pos = (m - n) + r * stride + stride - 1
+                    if c * stride >= m or (causal and c * stride > last_query_pos):
+                        logits.append(float("-inf"))
+                        continue
+                    total = 0.0
+                    for i in range(stride):
+                        qi, ki = r * stride + stride - 1 - i, c * stride + i
+                        if qi < n and ki < m:
+                            total += float(q[b, h, qi].double() @ k[b, h // group, ki].double())
+                    logits.append(total / math.sqrt(dim) / stride)
+                probs = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+                for c in range(cols):
+                    out[b, h, r * stride // block_q, c * stride // block_k] += probs[c]
+    return out
+
+
+def explicit_selection(scores, taus, n, m, block, causal):
+    """Cumulative-threshold selection, one row at a time: forced blocks first, then best-first."""
+    batch, heads, qb, kb = scores.shape
+    keep = torch.zeros(batch, heads, qb, kb, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            tau = float(taus[h])
+            for i in range(qb):
+                first_pos = (m - n) + i * block
+                last_pos = (m - n) + min((i + 1) * block, n) - 1
+                reach = [j * block <= last_pos for j in range(kb)] if causal else [True] * kb
+                forced = set()
+                if causal:
+                    forced = {
+                        j for j in range(kb) if first_pos // block <= j <= last_pos // block and reach[j]
+                    }
+                    forced.add(0)
+                row = [float(scores[b, h, i, j]) if reach[j] else 0.0 for j in range(kb)]
+                total = sum(row)
+                if tau >= 1.0:
+                    chosen = {j for j in range(kb) if reach[j]}
+                else:
+                    chosen = set(forced)
+                    acc = sum(row[j] for j in forced)
+                    rest = sorted(
+                        (j for j in range(kb) if reach[j] and j not in forced), key=lambda j: -row[j]
+                    )
+                    for j in rest:
+                        if acc < tau * total or not chosen:
+                            chosen.add(j)
+                            acc += row[j]
+                        else:
+                            break
+                for j in chosen:
+                    keep[b, h, i, j] = True
+    return keep
+
+
+def element_mask(mask: BlockSparseMask, heads: int, causal: bool) -> torch.Tensor:
+    """bool ``[B, H, N, M]`` on original key positions: kept blocks, intersected with causality."""
+    n, m = mask.q_len, mask.kv_len
+    blocks = mask.to_dense()
+    blocks = blocks.expand(blocks.shape[0], heads, -1, -1)
+    elements = blocks.repeat_interleave(mask.block_q, 2).repeat_interleave(mask.block_k, 3)[..., :n, :m]
+    if causal:
+        elements = elements & (torch.arange(m)[None, :] <= (m - n + torch.arange(n))[:, None])
+    return elements
+
+
+def structured_qk(batch, heads, kv_heads, n, m, dim, dtype=torch.float64, seed=0):
+    """Random q/k with a few strong key columns so that the scores are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, dim, generator=g, dtype=dtype)
+    k = torch.randn(batch, kv_heads, m, dim, generator=g, dtype=dtype)
+    direction = torch.randn(dim, generator=g, dtype=dtype)
+    q = q + 1.5 * direction
+    hot = torch.randperm(m, generator=g)[: max(2, m // 16)]
+    k[:, :, hot] += 2.0 * direction
+    return q, k
+
+
+SCORE_CASES = [
+    # (N, M, block_q, block_k, stride, causal, H, Hkv)
+    (40, 40, 8, 8, 4, True, 2, 1),
+    (37, 53, 8, 16, 4, True, 4, 2),
+    (30, 30, 8, 8, 2, False, 2, 2),
+    (128, 128, 64, 64, 16, True, 1, 1),
+    (200, 256, 128, 128, 16, True, 2, 1),
+]
+
+
+@pytest.mark.parametrize("n,m,bq,bk,stride,causal,heads,kv_heads", SCORE_CASES)
+def test_antidiagonal_scores_match_explicit_loops(n, m, bq, bk, stride, causal, heads, kv_heads):
+    q = torch.randn(2, heads, n, 8, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, m, 8, dtype=torch.float64)
+    expected = explicit_antidiagonal_scores(q, k, bq, bk, stride, causal)
+    got = antidiagonal_block_scores_reference(q, k, (bq, bk), stride, causal=causal, chunk_elements=64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    # each query block's row sums to its number of unpadded query groups
+    groups = torch.tensor([len(range(i * bq, min((i + 1) * bq, n), stride)) for i in range(-(-n // bq))])
+    torch.testing.assert_close(got.sum(-1), groups.double().expand_as(got.sum(-1)), rtol=0, atol=1e-10)
+
+
+INTERPRETER_SCRIPT = """
+import torch
+from zoo.kernels.antidiagonal import antidiagonal_block_scores_reference, antidiagonal_block_scores_triton
+torch.manual_seed(0)
+cases = [  # (N, M, block_q, block_k, stride, causal, H, Hkv, D)
+    (64, 64, 32, 32, 2, True, 2, 1, 16),
+    (70, 100, 32, 64, 4, True, 2, 2, 24),
+    (48, 48, 32, 32, 2, False, 1, 1, 16),
+]
+for n, m, bq, bk, stride, causal, heads, kv_heads, dim in cases:
+    q, k = torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, m, dim)
+    expected = antidiagonal_block_scores_reference(q.double(), k.double(), (bq, bk), stride, causal=causal)
+    # tiny chunks: several query chunks, each with its own launch and epilogue
+    got = antidiagonal_block_scores_triton(
+        q, k, (bq, bk), stride, causal=causal, block_r=16, block_c=16, chunk_elements=600
+    )
+    print((got.double() - expected).abs().max().item())
+"""
+
+
+def test_triton_scores_match_reference_under_interpreter():
+    """The Triton kernel itself, run on the CPU by Triton's interpreter (set before Triton loads)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    errors = [float(line) for line in run.stdout.split()]
+    assert len(errors) == 3 and max(errors) < 2e-5, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("block,stride", [(64, 8), (128, 8), (128, 16)])
+def test_triton_scores_on_gpu(dtype, block, stride):
+    q = torch.randn(2, 8, 1000, 128, device="cuda", dtype=dtype)
+    k = torch.randn(2, 2, 1500, 128, device="cuda", dtype=dtype)
+    expected = antidiagonal_block_scores_reference(q.float(), k.float(), block, stride)
+    got = antidiagonal_block_scores(q, k, block, stride, chunk_elements=1 << 14)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert ((got - expected).norm() / expected.norm()).item() < tol
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_estimate_matches_explicit_selection(causal):
+    n, m, block, stride = 60, 90, 16, 4
+    q, k = structured_qk(2, 4, 2, n, m, 8)
+    taus = torch.tensor([0.3, 0.6, 0.9, 1.0])
+    layer = XAttention(block_size=block, stride=stride, threshold=taus)
+    mask = layer.estimate(q, k, causal=causal)
+    scores = explicit_antidiagonal_scores(q, k, block, block, stride, causal)
+    expected = explicit_selection(scores, taus, n, m, block, causal)
+    assert torch.equal(mask.to_dense(), expected)
+    assert 0.0 < mask.density(causal=causal) < 1.0
+    # a scalar threshold is the per-head one repeated
+    scalar = (
+        XAttention(block_size=block, stride=stride, threshold=0.6).estimate(q, k, causal=causal).to_dense()
+    )
+    assert torch.equal(scalar, explicit_selection(scores, [0.6] * 4, n, m, block, causal))
+
+
+@pytest.mark.parametrize(
+    "n,m,heads,kv_heads,causal", [(100, 100, 4, 2, True), (64, 150, 2, 1, True), (77, 77, 2, 2, False)]
+)
+def test_threshold_one_equals_dense_attention(n, m, heads, kv_heads, causal):
+    q = torch.randn(2, heads, n, 16, dtype=torch.float64)
+    k = torch.randn(2, kv_heads, m, 16, dtype=torch.float64)
+    v = torch.randn(2, kv_heads, m, 16, dtype=torch.float64)
+    out = XAttention(block_size=16, stride=4, threshold=1.0)(q, k, v, causal=causal)
+    torch.testing.assert_close(out, dense_attention_reference(q, k, v, causal=causal), rtol=0, atol=1e-10)
+
+
+def test_causal_invariants_first_and_diagonal_blocks_kept_nothing_above_diagonal():
+    n, m, block = 96, 160, 16
+    q, k = structured_qk(1, 2, 1, n, m, 8, seed=3)
+    blocks = XAttention(block_size=block, stride=4, threshold=0.05).estimate(q, k).to_dense()
+    for i in range(blocks.shape[2]):
+        first_pos, last_pos = (m - n) + i * block, (m - n) + min((i + 1) * block, n) - 1
+        assert blocks[..., i, 0].all()
+        assert blocks[..., i, first_pos // block : last_pos // block + 1].all()
+        assert not blocks[..., i, last_pos // block + 1 :].any()
+    # a low threshold actually drops blocks
+    assert blocks.float().mean() < 0.6
+
+
+def test_grouped_query_attention_equals_repeated_kv():
+    q, k = structured_qk(2, 6, 2, 80, 80, 8, seed=1)
+    v = torch.randn_like(k)
+    layer = XAttention(block_size=16, stride=4, threshold=0.7)
+    grouped = layer.estimate(q, k).to_dense()
+    repeated = layer.estimate(q, k.repeat_interleave(3, 1)).to_dense()
+    assert torch.equal(grouped, repeated)
+    torch.testing.assert_close(layer(q, k, v), layer(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)))
+
+
+def test_gradients_equal_dense_attention_restricted_to_kept_blocks():
+    q, k = structured_qk(1, 4, 2, 72, 72, 8, seed=2)
+    v = torch.randn_like(k)
+    layer = XAttention(block_size=16, stride=4, threshold=0.6)
+    mask = layer.estimate(q, k)
+    assert mask.density(causal=True) < 1.0
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    reference = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = layer(*inputs)
+    expected = dense_attention_reference(*reference, causal=True, attn_mask=element_mask(mask, 4, True))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for got, want in zip(inputs, reference):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=1e-10)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 2, 32, 8)
+    with pytest.raises(ValueError, match="stride"):
+        XAttention(block_size=100, stride=8)
+    with pytest.raises(ValueError, match="threshold"):
+        XAttention(threshold=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        XAttention(block_size=16, stride=4, threshold=torch.tensor([0.5, 0.9])).estimate(q, k)
+    with pytest.raises(ValueError, match="q: expected a float tensor"):
+        XAttention(block_size=16, stride=4).estimate(q[0], k)
+    with pytest.raises(ValueError, match="heads dividing"):
+        XAttention(block_size=16, stride=4).estimate(q, torch.randn(1, 3, 32, 8))
+    with pytest.raises(ValueError, match="N <= M"):
+        XAttention(block_size=16, stride=4).estimate(torch.randn(1, 4, 40, 8), k)
+    with pytest.raises(ValueError, match="backend"):
+        antidiagonal_block_scores(q, k, 16, 4, backend="cuda")
+    with pytest.raises(ValueError, match="CUDA"):
+        antidiagonal_block_scores_triton(q, k, 16, 4)

@@ -1,0 +1,249 @@
+"""PBS-Attn: permuted block-sparse attention for long-context prefill.
+
+"Sparser Block-Sparse Attention via Token Permutation" (Wang et al., arXiv 2510.21270).
+
+Important keys are scattered along the sequence ("vertical lines"), so a block mask needs many
+blocks to cover them. Permuting keys so that important ones share blocks makes the mask sparser.
+Permuting only *inside segments* keeps causality easy: a query sees every key of the segments
+before its own, whatever their order, and the keys of its own segment are decided element by
+element on their original positions.
+
+Algorithm (per batch row and key/value head):
+
+1. Key importance: the mean softmax attention that the last block of queries gives each key
+   (causal; averaged over the query heads sharing the key head).
+2. Permutation: inside each segment of ``segment_size`` keys (256 by default), sort the keys by
+   importance, descending. ``key_perm[s]`` is the original key held by slot ``s``.
+3. Block scores: mean-pooled queries against mean-pooled permuted keys, softmax over the key
+   blocks a query block may select: blocks of earlier segments (causal). Blocks of the query
+   block's own segment(s) are excluded from scoring and always kept, as is the block holding
+   the first key; blocks whose keys all come after the query block are dropped.
+4. Keep the fewest scored blocks whose mass reaches ``threshold`` (0.9 by default).
+5. Run block-sparse attention through the key permutation: the kernel reads K and V through
+   ``key_perm`` (no permuted copy) and applies the causal mask on original positions.
+
+Sequences no longer than one segment fall back to dense attention. Beyond the upstream code:
+grouped-query attention (one permutation per key head), gradients (the attention kernel's
+backward), batch > 1, non-causal attention and queries that are the last ``N`` of ``M`` positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from zoo.layers.xattention import check_attention_inputs
+
+__all__ = ["PBSAttention"]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _acc(t: Tensor) -> Tensor:
+    """fp32 accumulation (fp64 for fp64 inputs)."""
+    return t.double() if t.dtype == torch.float64 else t.float()
+
+
+def _grouped_last_block_importance(q: Tensor, k: Tensor, last: int, causal: bool) -> Tensor:
+    """Mean attention of the last ``last`` queries to each key, per key head: ``[B, Hkv, M]`` fp32."""
+    batch, heads, n, dim = q.shape
+    kv_heads, m = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q_last = _acc(q[:, :, n - last :]).reshape(batch, kv_heads, group * last, dim)
+    importance = torch.empty(batch, kv_heads, m, dtype=q_last.dtype, device=q.device)
+    query_pos = (m - n) + torch.arange(n - last, n, device=q.device).repeat(group)
+    key_pos = torch.arange(m, device=q.device)
+    for hk in range(kv_heads):  # one key head at a time bounds the [group*last, M] logits
+        logits = torch.matmul(q_last[:, hk], _acc(k[:, hk]).transpose(-1, -2)) * dim**-0.5
+        if causal:
+            logits = logits.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+        importance[:, hk] = torch.softmax(logits, dim=-1).mean(dim=1)
+    return importance
+
+
+def _select_by_threshold(scores: Tensor, allowed: Tensor, threshold: float) -> Tensor:
+    """Fewest allowed blocks, best first, whose scores reach ``threshold`` of the allowed row sum."""
+    if threshold >= 1.0:
+        return allowed.clone()
+    masked = torch.where(allowed, scores, torch.zeros_like(scores))
+    sorted_scores, order = torch.sort(masked, dim=-1, descending=True, stable=True)
+    before = torch.cumsum(sorted_scores, dim=-1) - sorted_scores
+    row_sum = sorted_scores.sum(dim=-1, keepdim=True)
+    keep_sorted = (before < threshold * row_sum) & (sorted_scores > 0)
+    keep = torch.zeros_like(allowed).scatter_(-1, order, keep_sorted)
+    return keep & allowed
+
+
+class PBSAttention(nn.Module):
+    """Permuted block-sparse attention (PBS-Attn) for causal prefill.
+
+    Parameters
+    ----------
+    block_size:
+        Query and key block size.
+    segment_size:
+        Keys are permuted only inside segments of this many tokens (a multiple of ``block_size``).
+    threshold:
+        Cumulative mass fraction in ``[0, 1]`` of the pooled block scores to keep;
+        ``1.0`` keeps every block a query block can see (dense attention).
+    force_first_block:
+        Always keep the key block that holds the first token (the attention sink).
+    backend:
+        Attention kernel backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+    """
+
+    def __init__(
+        self,
+        block_size: int = 128,
+        segment_size: int = 256,
+        threshold: float = 0.9,
+        *,
+        force_first_block: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        if (
+            isinstance(segment_size, bool)
+            or not isinstance(segment_size, int)
+            or segment_size < block_size
+            or segment_size % block_size
+        ):
+            raise ValueError(
+                f"segment_size: expected a positive multiple of block_size={block_size}, got {segment_size!r}"
+            )
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0.0 <= threshold <= 1.0
+        ):
+            raise ValueError(f"threshold: expected a float in [0, 1], got {threshold!r}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
+        self.block_size = block_size
+        self.segment_size = segment_size
+        self.threshold = float(threshold)
+        self.force_first_block = bool(force_first_block)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.block_size}, segment_size={self.segment_size}, threshold={self.threshold}"
+
+    # ------------------------------------------------------------------ steps
+    def key_permutation(self, q: Tensor, k: Tensor, causal: bool = True) -> Tensor:
+        """``key_perm [B, Hkv, M]`` (int64): keys sorted by last-block importance inside each segment."""
+        check_attention_inputs(q, k)
+        batch, _, n, _ = q.shape
+        kv_heads, m = k.shape[1], k.shape[2]
+        seg = self.segment_size
+        importance = _grouped_last_block_importance(q, k, min(self.block_size, n), causal)
+        num_segments = _ceil_div(m, seg)
+        padded = torch.full(
+            (batch, kv_heads, num_segments * seg), -1.0, dtype=importance.dtype, device=q.device
+        )
+        padded[..., :m] = importance  # padding ranks last inside the last segment
+        order = torch.sort(
+            padded.view(batch, kv_heads, num_segments, seg), dim=-1, descending=True, stable=True
+        )
+        offsets = torch.arange(num_segments, device=q.device).view(1, 1, -1, 1) * seg
+        return (order.indices + offsets).reshape(batch, kv_heads, num_segments * seg)[..., :m].contiguous()
+
+    def block_scores(self, q: Tensor, k: Tensor, key_perm: Tensor) -> Tensor:
+        """Softmax-free pooled logits ``[B, H, Qb, Kb]``: mean query block . mean permuted key block / sqrt(D)."""
+        batch, heads, n, dim = q.shape
+        kv_heads, m = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        bs = self.block_size
+        num_q_blocks, num_k_blocks = _ceil_div(n, bs), _ceil_div(m, bs)
+        q_pad = torch.nn.functional.pad(_acc(q), (0, 0, 0, num_q_blocks * bs - n))
+        q_counts = torch.clamp(n - torch.arange(num_q_blocks, device=q.device) * bs, max=bs).float()
+        pooled_q = q_pad.view(batch, heads, num_q_blocks, bs, dim).sum(3) / q_counts[:, None]
+        # slot of each original key -> its key block; pool keys by scattering (no permuted copy of K)
+        inverse = torch.empty_like(key_perm)
+        inverse.scatter_(-1, key_perm, torch.arange(m, device=q.device).expand_as(key_perm))
+        block_of_key = inverse // bs
+        k_counts = torch.clamp(m - torch.arange(num_k_blocks, device=q.device) * bs, max=bs).float()
+        pooled_k = torch.zeros(batch, kv_heads, num_k_blocks, dim, dtype=pooled_q.dtype, device=q.device)
+        for hk in range(kv_heads):
+            pooled_k[:, hk].scatter_add_(
+                1, block_of_key[:, hk, :, None].expand(batch, m, dim), _acc(k[:, hk])
+            )
+        pooled_k = pooled_k / k_counts[:, None]
+        logits = torch.matmul(
+            pooled_q.view(batch, kv_heads, group, num_q_blocks, dim), pooled_k[:, :, None].transpose(-1, -2)
+        )
+        return (logits * dim**-0.5).reshape(batch, heads, num_q_blocks, num_k_blocks)
+
+    def block_structure(self, n: int, m: int, key_perm: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+        """``(allowed, forced)`` bool ``[B, Hkv, Qb, Kb]``: blocks open to selection, blocks always kept."""
+        bs, seg = self.block_size, self.segment_size
+        device = key_perm.device
+        num_q_blocks, num_k_blocks = _ceil_div(n, bs), _ceil_div(m, bs)
+        q_block = torch.arange(num_q_blocks, device=device)
+        first_pos = (m - n) + q_block * bs
+        last_pos = (m - n) + torch.clamp((q_block + 1) * bs, max=n) - 1
+        k_segment = torch.arange(num_k_blocks, device=device) * bs // seg
+        own = (k_segment[None, :] >= (first_pos // seg)[:, None]) & (
+            k_segment[None, :] <= (last_pos // seg)[:, None]
+        )
+        if causal:
+            allowed = k_segment[None, :] < (first_pos // seg)[:, None]
+        else:
+            allowed = ~own
+        forced = own[None, None].expand(*key_perm.shape[:2], -1, -1)
+        if causal:  # own-segment blocks whose keys all come after the query block are never needed
+            pad = num_k_blocks * bs - m
+            perm_pad = torch.nn.functional.pad(key_perm, (0, pad), value=m)
+            earliest = perm_pad.view(*key_perm.shape[:2], num_k_blocks, bs).amin(-1)
+            forced = forced & (earliest[:, :, None, :] <= last_pos[None, None, :, None])
+        if self.force_first_block:
+            first_block = (key_perm == 0).view(*key_perm.shape[:2], -1)
+            first_block = torch.nn.functional.pad(first_block, (0, num_k_blocks * bs - m))
+            first_block = first_block.view(*key_perm.shape[:2], num_k_blocks, bs).any(-1)
+            forced = forced | first_block[:, :, None, :]
+        allowed = allowed[None, None].expand_as(forced) & ~forced
+        return allowed, forced
+
+    # ----------------------------------------------------------------- public
+    def estimate(self, q: Tensor, k: Tensor, causal: bool = True):
+        """The kept blocks with their key permutation, as a :class:`~zoo.kernels.BlockSparseMask`."""
+        from zoo.kernels import BlockSparseMask
+
+        check_attention_inputs(q, k)
+        batch, heads, n, _ = q.shape
+        kv_heads, m = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        bs = self.block_size
+        num_q_blocks, num_k_blocks = _ceil_div(n, bs), _ceil_div(m, bs)
+        if m <= self.segment_size:  # one segment: nothing to permute, attend densely
+            blocks = torch.ones(1, 1, num_q_blocks, num_k_blocks, dtype=torch.bool, device=q.device)
+            if causal:
+                first_key = torch.arange(num_k_blocks, device=q.device) * bs
+                last_pos = (
+                    (m - n) + torch.clamp((torch.arange(num_q_blocks, device=q.device) + 1) * bs, max=n) - 1
+                )
+                blocks = blocks & (first_key[None, :] <= last_pos[:, None])
+            return BlockSparseMask.from_dense(blocks, bs, n, m)
+        key_perm = self.key_permutation(q, k, causal)
+        allowed, forced = self.block_structure(n, m, key_perm, causal)
+        allowed = allowed.repeat_interleave(group, dim=1)
+        forced = forced.repeat_interleave(group, dim=1)
+        logits = self.block_scores(q, k, key_perm)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        has_any = allowed.any(-1, keepdim=True)
+        scores = torch.where(has_any, torch.softmax(torch.where(has_any, logits, 0.0), dim=-1), 0.0)
+        selected = _select_by_threshold(scores, allowed, self.threshold)
+        return BlockSparseMask.from_dense(selected | forced, bs, n, m, key_perm=key_perm)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+    ) -> Tensor:
+        """Sparse attention ``[B, H, N, D]`` through the key permutation."""
+        from zoo.kernels import block_sparse_attention
+
+        check_attention_inputs(q, k, v)
+        mask = self.estimate(q, k, causal)
+        return block_sparse_attention(q, k, v, mask, causal=causal, scale=scale, backend=self.backend)
