@@ -112,8 +112,7 @@ for _name, (_cfg, _desc) in _ADAS_VARIANTS.items():
 def _forecaster_config(**kw: Any) -> dict[str, Any]:
     cfg = dict(
         grid=(64, 128),
-        groups=((), ("geopotential",), ("u_component_of_wind",), ("v_component_of_wind",)),
-        channels_per_group=(0, 1, 1, 1),
+        group_channels=(1, 1, 1),
         dim=96,
         patch_size=(2, 2),
         window_size=(4, 8),
@@ -135,17 +134,12 @@ def _build_forecaster(**cfg: Any):
 
 _FORECASTER_VARIANTS = {
     "fengwu_lite_osse_64x128": (
-        _forecaster_config(
-            groups=(("geopotential",), ("u_component_of_wind",), ("v_component_of_wind",)),
-            channels_per_group=(1, 1, 1),
-        ),
-        "FengWu-style 6-h forecaster for the shallow-water OSSE (64x128)",
+        _forecaster_config(),
+        "FengWu-style 6-h forecaster for the shallow-water OSSE: z, u, v at 500 hPa on 64x128",
     ),
     "fengwu_lite_tiny": (
         _forecaster_config(
             grid=(16, 32),
-            groups=(("geopotential",), ("u_component_of_wind",), ("v_component_of_wind",)),
-            channels_per_group=(1, 1, 1),
             dim=16,
             window_size=(2, 4),
             encoder_depth=1,
