@@ -27,6 +27,7 @@ class Case:
     empty_rows: bool = False
     broadcast: bool = False  # mask with B = H = 1
     single_block: bool = False
+    strided: bool = False  # q, k, v as [B, N, H, D] buffers seen through transpose(1, 2)
 
 
 def random_blocks(case: Case, generator: torch.Generator) -> Tensor:
@@ -63,7 +64,10 @@ def make_case(case: Case, dtype: torch.dtype = torch.float64, device: str = "cpu
     k = torch.randn(shape_k, generator=generator, dtype=torch.float64)
     v = torch.randn(shape_k, generator=generator, dtype=torch.float64)
     keep = dense_keep(mask, case.batch, case.heads, case.kv_heads)
-    tensors = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
+    tensors = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    if case.strided:
+        tensors = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in tensors]
+    tensors = [t.requires_grad_(True) for t in tensors]
     return (*tensors, mask.to(device), keep.to(device))
 
 
@@ -112,5 +116,6 @@ OPTION_MATRIX = [
     ),
     Case("permuted_noncausal", permuted=True, q_len=32, kv_len=41),
     Case("blocks_32x16", block=(32, 16), q_len=50, kv_len=70, causal=True, density=0.6),
+    Case("strided_layout", batch=2, heads=4, kv_heads=2, strided=True, causal=True, q_len=40, kv_len=56),
     Case("blocks_16x32_d32", block=(16, 32), head_dim=32, q_len=45, kv_len=77, causal=True, density=0.6),
 ]

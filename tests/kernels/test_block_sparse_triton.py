@@ -98,10 +98,15 @@ def _check_against_dense(case: Case, dtype: torch.dtype, seed: int = 0) -> None:
         assert rel_error(got, want) < tol, f"{name}: {rel_error(got, want):.2e}"
 
 
+FP32_ON_GPU = {"causal", "ragged_n_ne_m_causal", "gqa", "permuted_keys", "empty_rows", "strided_layout"}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", OPTION_MATRIX, ids=lambda c: c.name)
 def test_gpu_option_matrix(case, dtype, monkeypatch):
+    if dtype == torch.float32 and case.name not in FP32_ON_GPU:
+        pytest.skip("fp32 on a subset, to keep compile time down")
     monkeypatch.setenv("ZOO_AUTOTUNE", "0")  # one config per shape keeps compile time short
     _check_against_dense(case, dtype)
 
@@ -144,20 +149,23 @@ GPU_REALISTIC = [
         permuted=True,
     ),
 ]
+OTHER_DTYPES_ON_GPU = {"d64_b64_causal", "d128_b128x64"}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", GPU_REALISTIC, ids=lambda c: c.name)
-def test_gpu_realistic_sizes(case, dtype):
-    if case.head_dim == 256 and dtype == torch.float32:
-        pytest.skip("fp32 at head dim 256 does not fit the tiles")
+def test_gpu_realistic_sizes(case, dtype, monkeypatch):
+    if dtype != torch.bfloat16 and case.name not in OTHER_DTYPES_ON_GPU:
+        pytest.skip("float16/float32 on a subset, to keep compile time down")
+    monkeypatch.setenv("ZOO_AUTOTUNE", "0")
     _check_against_dense(case, dtype, seed=1)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_full_density_equals_sdpa(causal):
+    # autotuned path (the configs the benchmark uses)
     q = torch.randn(2, 8, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(2, 2, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(2, 2, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -378,8 +378,12 @@ if tl is not None:
             else:
                 lo = num_interior * SUBS
                 hi = num_kept * SUBS
+            # the next block id is loaded one step ahead, so that the pipeliner sees K/V
+            # addresses that do not wait on a load of the same iteration
+            next_block = tl.load(idx_base + lo // SUBS, mask=lo < hi, other=0)
             for t in range(lo, hi):
-                key_block = tl.load(idx_base + t // SUBS)
+                key_block = next_block
+                next_block = tl.load(idx_base + (t + 1) // SUBS, mask=t + 1 < hi, other=0)
                 slots = key_block * MASK_BK + (t % SUBS) * BLOCK_N + offs_n
                 slot_ok = slots < kv_len
                 if HAS_PERM:
@@ -496,20 +500,18 @@ if tl is not None:
         offs_n = tl.arange(0, BLOCK_N)
         d_ok = offs_d < HEAD_DIM
         row_ok = offs_m < q_len
-        q_off = (
-            off_b.to(tl.int64) * stride_qb
-            + off_h.to(tl.int64) * stride_qh
-            + offs_m[:, None] * stride_qn
-            + offs_d[None, :]
+        q_head = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        do_head = DOut + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
+        q = tl.load(
+            q_head + offs_m[:, None] * stride_qn + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
         )
-        q = tl.load(Q + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do_off = (
-            off_b.to(tl.int64) * stride_db
-            + off_h.to(tl.int64) * stride_dh
-            + offs_m[:, None] * stride_dn
-            + offs_d[None, :]
+        do = tl.load(
+            do_head + offs_m[:, None] * stride_dn + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
         )
-        do = tl.load(DOut + do_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -539,8 +541,12 @@ if tl is not None:
             else:
                 lo = num_interior * SUBS
                 hi = num_kept * SUBS
+            # the next block id is loaded one step ahead, so that the pipeliner sees K/V
+            # addresses that do not wait on a load of the same iteration
+            next_block = tl.load(idx_base + lo // SUBS, mask=lo < hi, other=0)
             for t in range(lo, hi):
-                key_block = tl.load(idx_base + t // SUBS)
+                key_block = next_block
+                next_block = tl.load(idx_base + (t + 1) // SUBS, mask=t + 1 < hi, other=0)
                 slots = key_block * MASK_BK + (t % SUBS) * BLOCK_N + offs_n
                 slot_ok = slots < kv_len
                 if HAS_PERM:
@@ -572,13 +578,14 @@ if tl is not None:
                 ds = p * (dp - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-        dq_off = (
-            off_b.to(tl.int64) * stride_qb
-            + off_h.to(tl.int64) * stride_qh
-            + offs_m[:, None] * stride_qn
-            + offs_d[None, :]
+        dq_head = DQ + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        tl.store(
+            dq_head + offs_m[:, None] * stride_qn + offs_d[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
         )
-        tl.store(DQ + dq_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
     def _bwd_dkdv_kernel(
         Q, K, V, DOut, DK, DV, Lse, Delta,
@@ -616,20 +623,10 @@ if tl is not None:
         else:
             rows = offs_n
         kv_ok = slot_ok[:, None] & d_ok[None, :]
-        k_off = (
-            off_b.to(tl.int64) * stride_kb
-            + off_hkv.to(tl.int64) * stride_kh
-            + rows[:, None] * stride_kn
-            + offs_d[None, :]
-        )
-        v_off = (
-            off_b.to(tl.int64) * stride_vb
-            + off_hkv.to(tl.int64) * stride_vh
-            + rows[:, None] * stride_vn
-            + offs_d[None, :]
-        )
-        k = tl.load(K + k_off, mask=kv_ok, other=0.0)
-        v = tl.load(V + v_off, mask=kv_ok, other=0.0)
+        k_head_off = off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
+        v_head_off = off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
+        k = tl.load(K + k_head_off + rows[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + v_head_off + rows[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -658,8 +655,10 @@ if tl is not None:
                 else:
                     lo = num_masked * SUBS
                     hi = num_listed * SUBS
+                next_block = tl.load(idx_base + lo // SUBS, mask=lo < hi, other=0)
                 for t in range(lo, hi):
-                    q_block = tl.load(idx_base + t // SUBS)
+                    q_block = next_block
+                    next_block = tl.load(idx_base + (t + 1) // SUBS, mask=t + 1 < hi, other=0)
                     offs_m = q_block * MASK_BQ + (t % SUBS) * BLOCK_M + offs_mt
                     row_ok = offs_m < q_len
                     q = tl.load(
@@ -692,8 +691,24 @@ if tl is not None:
                     ds_t = p_t * (dp_t - delta[None, :])
                     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
 
-        tl.store(DK + k_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-        tl.store(DV + v_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+        # recomputed here rather than kept live through the loops
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        slot_ok = offs_n < kv_len
+        if HAS_PERM:
+            rows = tl.load(perm_base + offs_n, mask=slot_ok, other=0)
+        else:
+            rows = offs_n
+        kv_ok = slot_ok[:, None] & d_ok[None, :]
+        tl.store(
+            DK + k_head_off + rows[:, None] * stride_kn + offs_d[None, :],
+            (dk * scale).to(DK.dtype.element_ty),
+            mask=kv_ok,
+        )
+        tl.store(
+            DV + v_head_off + rows[:, None] * stride_vn + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=kv_ok,
+        )
 
 
 _KERNEL_NAMES = ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")
@@ -701,16 +716,11 @@ _KERNELS: dict[bool, dict[str, Any]] = {}
 _AUTOTUNED: dict[tuple, Any] = {}
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); pruned to tiles dividing the mask blocks
-_FWD_CONFIGS = [
-    (128, 64, 8, 3),
-    (128, 128, 8, 3),
-    (128, 64, 4, 3),
-    (64, 64, 4, 3),
-    (64, 128, 4, 3),
-    (128, 32, 4, 4),
-]
-_DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4)]
-_DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (128, 128, 8, 2)]
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3)]
+_DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
+# for mask blocks no listed tile divides (multiples of 16 that are not of 32 or 64)
+_SMALL_CONFIGS = [(32, 32, 4, 3), (16, 16, 4, 2)]
 _AUTOTUNE_KEY = ["HEAD_DIM", "MASK_BQ", "MASK_BK", "CAUSAL", "HAS_PERM"]
 
 
@@ -732,31 +742,43 @@ def _kernels() -> dict[str, Any]:
     return _KERNELS[interpret]
 
 
+def _fitting(configs: list, block_q: int, block_k: int) -> list:
+    fits = [c for c in configs if block_q % c[0] == 0 and block_k % c[1] == 0]
+    return fits or [c for c in _SMALL_CONFIGS if block_q % c[0] == 0 and block_k % c[1] == 0]
+
+
 def _tuned(name: str, configs: list, block_q: int, block_k: int) -> Any:
     """An autotuned launcher over the configs whose tiles divide the mask blocks."""
     key = (name, block_q, block_k)
     if key not in _AUTOTUNED:
-        fits = [c for c in configs if block_q % c[0] == 0 and block_k % c[1] == 0]
-        if not fits:
-            fits = [(16, 16, 4, 2)]
         triton_configs = [
-            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in fits
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in _fitting(configs, block_q, block_k)
         ]
         _AUTOTUNED[key] = triton.autotune(configs=triton_configs, key=_AUTOTUNE_KEY)(_kernels()[name])
     return _AUTOTUNED[key]
 
 
 def _launch(name: str, configs: list, grid_fn, args: tuple, meta: dict, block_q: int, block_k: int) -> None:
+    """Interpreter: 16 x 16 tiles. ZOO_AUTOTUNE=0: the first listed config that fits in the
+    chip's shared memory (quick tests). Otherwise: autotuned, once per key."""
     import os
 
     if _interpreting():
         tiles = {"BLOCK_M": min(16, block_q), "BLOCK_N": min(16, block_k)}
         _kernels()[name][grid_fn(tiles)](*args, **meta, **tiles)
-    elif os.environ.get("ZOO_AUTOTUNE", "1") == "0":  # first fitting config: quick tests
-        fits = [c for c in configs if block_q % c[0] == 0 and block_k % c[1] == 0]
-        m, n, warps, stages = fits[0] if fits else (16, 16, 4, 2)
-        tiles = {"BLOCK_M": m, "BLOCK_N": n}
-        _kernels()[name][grid_fn(tiles)](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
+    elif os.environ.get("ZOO_AUTOTUNE", "1") == "0":
+        from triton.runtime.errors import OutOfResources
+
+        fits = _fitting(configs, block_q, block_k) + _SMALL_CONFIGS
+        for i, (m, n, warps, stages) in enumerate(fits):
+            tiles = {"BLOCK_M": m, "BLOCK_N": n}
+            try:
+                _kernels()[name][grid_fn(tiles)](*args, **meta, **tiles, num_warps=warps, num_stages=stages)
+                return
+            except OutOfResources:
+                if i == len(fits) - 1:
+                    raise
     else:
         _tuned(name, configs, block_q, block_k)[grid_fn](*args, **meta)
 
