@@ -184,3 +184,25 @@ def test_bad_inputs_raise_clear_errors():
         adapter(torch.randn(2, 3, 4), torch.rand(2, 1, 3, 3))
     with pytest.raises(ValueError, match=r"attn_probs: expected \[B, H, N, N\]"):
         sparse_gin_adjacency(torch.rand(2, 3, 4))
+
+
+def test_gin_adapter_command_runs_end_to_end(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from zoo.cli import main
+
+    if shutil.which("bible") is None or not Path("/usr/share/dictd/gcide.dict.dz").exists():
+        pytest.skip("needs Debian bible-kjv and dict-gcide")
+    argv = (
+        "train gin-adapter --dim 16 --depth 2 --heads 2 --seq-len 16 --batch 2 --pretrain-steps 3 --steps 3"
+    )
+    argv += f" --gnn-dim 8 --eval-windows 2 --eval-every 3 --gcide-bytes 400000 --out {tmp_path}"
+    assert main(argv.split()) == 0
+    result = json.loads((tmp_path / "routing_gin_adapter.json").read_text())["results"]
+    gin, lora = result["sparse-gin"], result["lora"]
+    assert abs(gin["trainable_params"] - lora["trainable_params"]) <= 0.25 * gin["trainable_params"]
+    assert math.isfinite(gin["gcide_val"]["ppl"]) and math.isfinite(lora["gcide_val"]["ppl"])
+    # LoRA's up-projection starts at zero, so before training it is the base model
+    assert lora["gcide_val_before"] == result["base"]["gcide_val"]

@@ -149,3 +149,21 @@ def test_bad_inputs_raise_clear_errors():
         block(torch.randn(2, 5, 6), torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="num_heads: expected a positive divisor of dim=8, got 3"):
         MoTBlock(8, 3)
+
+
+def test_mot_command_runs_end_to_end(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from zoo.cli import main
+
+    if shutil.which("bible") is None or not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("needs Debian bible-kjv and dataset-fashion-mnist")
+    argv = f"train mot --dim 16 --depth 1 --heads 2 --batch 2 --text-len 8 --steps 2 --eval-every 2 --eval-batches 1 --out {tmp_path}"
+    assert main(argv.split()) == 0
+    result = json.loads((tmp_path / "routing_mot.json").read_text())
+    flops = result["forward_flops_per_token"]
+    assert flops["mot"] == flops["dense"] > 0
+    assert result["results"]["mot"]["params"] > result["results"]["dense"]["params"]
+    assert result["sequence"]["length"] == 8 + 16 + 49

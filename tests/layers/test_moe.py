@@ -258,3 +258,23 @@ def test_bad_inputs_raise_clear_errors():
         MoE(8, 4, 2, router="hash")
     with pytest.raises(ValueError, match="capacity_factor: expected None or > 0, got 0"):
         MoE(8, 4, 2, capacity_factor=0)
+
+
+def test_moe_lm_command_runs_end_to_end(tmp_path):
+    import json
+    import shutil
+
+    from zoo.cli import main
+
+    if shutil.which("bible") is None:
+        pytest.skip("needs the 'bible' program (Debian bible-kjv) for the KJV text")
+    argv = "train moe-lm --dim 16 --depth 1 --heads 2 --seq-len 16 --batch 2 --steps 4 --experts 4"
+    argv += f" --expert-hidden 8 --eval-windows 2 --probe-windows 2 --probe-every 1 --eval-every 2 --out {tmp_path}"
+    assert main(argv.split()) == 0
+    result = json.loads((tmp_path / "routing_moe_lm.json").read_text())
+    assert result["command"].startswith("zoo train moe-lm ") and "--expert-hidden 8" in result["command"]
+    for router in ROUTERS:
+        entry = result["results"][router]
+        assert 0.0 <= entry["routing_fluctuation"] <= 1.0
+        assert abs(sum(entry["expert_load_per_layer"][0]) - 1.0) < 1e-3
+        assert math.isfinite(entry["val"]["ppl"])

@@ -145,3 +145,18 @@ def test_bad_inputs_raise_clear_errors():
         RoutedFFN(8, 32, 4)(torch.randn(2, 7))
     with pytest.raises(ValueError, match="layers: expected"):
         RoutedFFN.from_dense((nn.Linear(8, 32),), num_blocks=4)
+
+
+def test_routing_bench_runs_on_cpu(tmp_path):
+    import json
+
+    from zoo.cli import main
+
+    argv = "bench routing --device cpu --dtype fp32 --reps 1 --warmup 0 --moe-tokens 64 --moe-seq-len 16"
+    argv += f" --moe-dim 16 --expert-hidden 32 --ffn-tokens 64 --ffn-dim 16 --ffn-hidden 64 --out {tmp_path}"
+    assert main(argv.split()) == 0
+    rows = json.loads((tmp_path / "routing.json").read_text())["rows"]
+    names = {(r["group"], r["name"], r["mode"]) for r in rows if "ms" in r}
+    assert ("routed_ffn_opt", "routed_grouped", "forward_backward") in names
+    assert ("moe_attention", "moe_sparse_cf1.25", "forward") in names
+    assert ("moe_softmax", "dense_ffn_equal_active_flops", "forward") in names
