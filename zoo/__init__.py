@@ -6,6 +6,7 @@ zoo.list_models("favit*")
 zoo.model_info("favit_b0")
 """
 
+from zoo import vision as _vision  # noqa: F401  (registers FaViT with timm once timm is imported)
 from zoo.registry import create, list_models, model_info
 
 __version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""Image datasets for the vision family: Fashion-MNIST from its IDX files and ImageFolder trees.
+
+Fashion-MNIST (Xiao, Rasul, Vollgraf, "Fashion-MNIST: a Novel Image Dataset for Benchmarking
+Machine Learning Algorithms", arXiv 1708.07747): 60k train / 10k test grey 28x28 images of 10
+clothing classes, read from the gzipped IDX files of the Debian package
+``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). Images come out as PIL
+images (RGB by default, the grey value repeated) so timm's transforms apply unchanged.
+
+Everything else goes through ``timm.data.create_dataset`` (ImageFolder / ImageTar trees,
+``root/<split>/<class>/<image>``), exactly as timm's validate.py and train.py read it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASET_DEFAULTS",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FashionMNIST",
+    "create_image_dataset",
+    "export_image_folder",
+    "is_fashion_mnist",
+    "read_idx",
+]
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "val": "test", "validation": "test"}
+_DATASET_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist", "fmnist")
+
+# preprocessing and head size a dataset implies unless the command line says otherwise
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion_mnist": dict(
+        num_classes=10,
+        input_size=(3, 64, 64),
+        crop_pct=1.0,
+        interpolation="bicubic",
+        mean=(0.2860, 0.2860, 0.2860),
+        std=(0.3530, 0.3530, 0.3530),
+    ),
+}
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (``.gz`` or raw): big-endian header ``0, 0, dtype, ndim``, ndim sizes, data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"read_idx: {path} is not an IDX file (header {raw[:4]!r})")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    count = int(np.prod(shape)) if shape else 0
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=4 + 4 * ndim)
+    if data.size != count:
+        raise ValueError(f"read_idx: {path} holds {data.size} values, its header says {shape}")
+    return data.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST: no {stem}[.gz] under {root} (install the Debian package dataset-fashion-mnist "
+        "or pass the folder holding the IDX files)"
+    )
+
+
+def is_fashion_mnist(name: str = "", root: Optional[str | os.PathLike] = None) -> bool:
+    """Whether ``--dataset`` names Fashion-MNIST, or ``root`` is a folder of its IDX files."""
+    if name:
+        return name.lower().split("/")[-1] in _DATASET_NAMES
+    if root is None:
+        return False
+    root = Path(root)
+    return any((root / (_FASHION_MNIST_FILES["test"][0] + ext)).is_file() for ext in (".gz", ""))
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Fashion-MNIST as ``(image, label)`` pairs; the image goes through ``transform`` (timm's or any).
+
+    Parameters
+    ----------
+    root:
+        Folder of the four IDX files (default ``/usr/share/datasets/fashion-mnist``).
+    split:
+        ``train`` or ``test`` (``validation`` and ``val`` mean ``test``).
+    img_mode:
+        PIL mode of the returned images: ``RGB`` (grey repeated, default) or ``L``.
+    num_samples:
+        Keep only the first ``num_samples`` images.
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(
+        self,
+        root: Optional[str | os.PathLike] = None,
+        split: str = "train",
+        transform: Optional[Callable] = None,
+        target_transform: Optional[Callable] = None,
+        img_mode: str = "RGB",
+        num_samples: Optional[int] = None,
+    ):
+        key = _SPLIT_ALIASES.get(split.lower())
+        if key is None:
+            raise ValueError(f"split: expected one of {sorted(_SPLIT_ALIASES)}, got {split!r}")
+        if img_mode not in ("RGB", "L"):
+            raise ValueError(f"img_mode: expected 'RGB' or 'L', got {img_mode!r}")
+        self.root = Path(root) if root else FASHION_MNIST_DIR
+        self.split = key
+        images_file, labels_file = _FASHION_MNIST_FILES[key]
+        images = read_idx(_find(self.root, images_file))
+        labels = read_idx(_find(self.root, labels_file)).astype(np.int64)
+        if images.ndim != 3 or labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"Fashion-MNIST: images {images.shape} and labels {labels.shape} under {self.root} do not match"
+            )
+        if num_samples is not None:
+            images, labels = images[:num_samples], labels[:num_samples]
+        self.images = images
+        self.targets = labels
+        self.transform = transform
+        self.target_transform = target_transform
+        self.img_mode = img_mode
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, index: int):
+        """The untransformed PIL image."""
+        from PIL import Image
+
+        img = Image.fromarray(self.images[index])  # uint8 (28, 28) -> mode "L"
+        return img.convert(self.img_mode) if self.img_mode != "L" else img
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        img = self.image(index)
+        target = int(self.targets[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        return f"{index:05d}.png" if basename else f"{self.split}/{index:05d}.png"
+
+    def filenames(self, basename: bool = False, absolute: bool = False) -> list[str]:
+        return [self.filename(i, basename) for i in range(len(self))]
+
+
+def create_image_dataset(
+    name: str = "",
+    root: Optional[str | os.PathLike] = None,
+    split: str = "validation",
+    is_training: bool = False,
+    img_mode: str = "RGB",
+    num_samples: Optional[int] = None,
+    class_map: str = "",
+    seed: int = 42,
+) -> torch.utils.data.Dataset:
+    """Fashion-MNIST (by name or by its IDX folder) or, through ``timm.data.create_dataset``, anything timm reads."""
+    if is_fashion_mnist(name, root if not name else None):
+        return FashionMNIST(root=root, split=split, img_mode=img_mode, num_samples=num_samples)
+    if not name and root is None:
+        raise ValueError("dataset: expected a data folder or --dataset NAME, got neither")
+    if root is not None and not name and not Path(root).exists():
+        raise FileNotFoundError(f"data: no such folder {root}")
+    from timm.data import create_dataset
+
+    return create_dataset(
+        name,
+        root=None if root is None else str(root),
+        split=split,
+        is_training=is_training,
+        class_map=class_map,
+        num_samples=num_samples,
+        input_img_mode=img_mode,
+        seed=seed,
+    )
+
+
+def export_image_folder(
+    dataset: FashionMNIST, out_dir: str | os.PathLike, limit: Optional[int] = None, ext: str = ".png"
+) -> Path:
+    """Write a Fashion-MNIST split as ``out_dir/<class index>_<class name>/<index>.png`` (an ImageFolder tree)."""
+    out = Path(out_dir)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    for i in range(count):
+        label = int(dataset.targets[i])
+        folder = out / f"{label}_{FASHION_MNIST_CLASSES[label].replace('/', '-').replace(' ', '_')}"
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset.image(i).save(folder / f"{i:05d}{ext}")
+    return out
