@@ -139,8 +139,11 @@ class FlexPeer:
     density, so the compiled functions are reused)."""
 
     def __init__(self) -> None:
+        import torch._functorch.config as functorch_config
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        # the timing replays the backward of a retained graph, which donated buffers forbid
+        functorch_config.donated_buffer = False
         self.create_block_mask = create_block_mask
         self.flex = torch.compile(flex_attention, dynamic=False)
         self.buffers: dict[int, torch.Tensor] = {}
@@ -176,6 +179,10 @@ def kernel_configs() -> dict[str, str]:
         best = getattr(tuner, "best_config", None)
         if best is not None:
             chosen[f"{name}[{bq}x{bk}]"] = str(best)
+        timings = getattr(tuner, "configs_timings", None) or {}
+        for config, ms in timings.items():
+            value = ms[0] if isinstance(ms, (list, tuple)) else ms
+            chosen[f"{name}[{bq}x{bk}] {config}"] = f"{float(value):.3f} ms"
     return chosen
 
 
@@ -187,12 +194,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     head_configs = [("mha", heads), ("gqa", heads // 4)] if not args.no_gqa else [("mha", heads)]
     flex = FlexPeer() if (cuda and not args.no_flex) else None
     start = time.perf_counter()
+    warm_up = warm_up_ours(device, dtype, heads, head_dim) if cuda else {}
     rows: list[dict[str, Any]] = []
     sdpa: dict[int, dict[str, Any]] = {}
 
     for seq_len in args.seq_lens:
+        if time.perf_counter() - start > args.time_budget_s:
+            print(f"N={seq_len}: skipped (time budget of {args.time_budget_s:.0f} s reached)", flush=True)
+            rows.append(
+                {"seq_len": seq_len, "note": f"skipped: time budget of {args.time_budget_s:.0f} s reached"}
+            )
+            continue
         big = seq_len >= 100_000
-        warmup, reps = (1, 3) if big else ((2, 5) if seq_len >= 20_000 else (3, 10))
+        warmup, reps = (1, args.reps_128k) if big else ((2, 5) if seq_len >= 20_000 else (3, 10))
         if args.quick:
             warmup, reps = 1, 2
         num_blocks = math.ceil(seq_len / BLOCK)
@@ -279,7 +293,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["ours_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                 _free()
 
-                if flex is not None and not args.no_flex:
+                flex_over_budget = time.perf_counter() - start > args.time_budget_s
+                if flex_over_budget and flex is not None:
+                    row["flex_error"] = "skipped: time budget reached"
+                if flex is not None and not flex_over_budget and not (args.no_flex_gqa and kv_heads != heads):
                     try:
                         block_mask, create_s = flex.block_mask(blocks, seq_len)
                         row["flex_mask_create_s"] = create_s
@@ -328,8 +345,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sdpa": {str(k): v for k, v in sdpa.items()},
         "kernel_configs": kernel_configs(),
         "rows": rows,
+        "ours_warm_up": warm_up,
         "total_s": time.perf_counter() - start,
     }
+
+
+def warm_up_ours(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> dict[str, float]:
+    """Autotune ours once at a small size (the tuned configs are keyed on head dim, block
+    sizes and causality, not on N), so that no timed row pays for it; then check the tuned
+    launches (values and gradients) against SDPA at full density."""
+    seq_len = 8192
+    t0 = time.perf_counter()
+    q, k, v = (
+        torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
+    blocks = torch.ones(1, 1, seq_len // BLOCK, seq_len // BLOCK, dtype=torch.bool, device=device)
+    mask = BlockSparseMask.from_dense(blocks, BLOCK, seq_len, seq_len)
+    block_sparse_attention(q, k, v, mask, causal=True).sum().backward()
+    torch.cuda.synchronize()
+    result = {"autotune_s": time.perf_counter() - t0}
+    grad = torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype)
+    outputs = {}
+    for name, fn in (
+        ("ours", partial(block_sparse_attention, q, k, v, mask, causal=True)),
+        ("sdpa", partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)),
+    ):
+        out = fn()
+        outputs[name] = [out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
+    for i, label in enumerate(("out", "dq", "dk", "dv")):
+        ours, ref = outputs["ours"][i], outputs["sdpa"][i]
+        result[f"rel_error_vs_sdpa_{label}"] = float((ours - ref).norm() / ref.norm())
+    print(f"warm-up: {result}", flush=True)
+    return result
 
 
 def _triton_version() -> str | None:
@@ -405,10 +453,13 @@ def print_table(result: dict[str, Any]) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
+        if "heads" not in row:
+            print(f"| {row['seq_len']} | {row.get('note', '')} |")
+            continue
         flex = (
             f"{_f(row.get('flex_fwd_ms'), '.2f')} / {_f(row.get('flex_bwd_ms'), '.2f')}"
             if "flex_error" not in row
-            else "failed: " + row["flex_error"][:40]
+            else "not run: " + row["flex_error"][:40]
         )
         print(
             f"| {row['seq_len']} | {row['heads']}/{row['kv_heads']} | {row['density']:.3f} | "
@@ -436,11 +487,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gqa", action="store_true", help="skip the grouped-query (32/8) rows")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     parser.add_argument(
+        "--no-flex-gqa", action="store_true", help="skip FlexAttention on the grouped-query rows"
+    )
+    parser.add_argument(
         "--skip-bwd-density-at-128k",
         type=float,
         default=2.0,
         help="at N >= 100k, time only the forward for densities >= this (default: never skip)",
     )
+    parser.add_argument("--reps-128k", type=int, default=3, help="timed repetitions at N >= 100k")
     parser.add_argument("--time-budget-s", type=float, default=330.0, help="skip rows that would start later")
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes to check the script (CPU without a GPU)"

@@ -21,7 +21,7 @@ Queries are the last ``q_len`` of the ``kv_len`` positions (query ``i`` sits at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -114,6 +114,9 @@ class BlockSparseMask:
         positions (causal diagonal, ragged edges, key permutation), so these may be None.
     key_perm:
         Optional int ``[B, Hkv, M]``: key slot ``s`` holds original key ``key_perm[..., s]``.
+
+    A mask is treated as immutable once used: the kernels cache index lists derived from it
+    (blocks needing no element mask, the transposed lists of the backward) on the instance.
     """
 
     block_q: int
@@ -125,6 +128,7 @@ class BlockSparseMask:
     full_kv_num_blocks: Tensor | None = None
     full_kv_indices: Tensor | None = None
     key_perm: Tensor | None = None
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.block_q, self.block_k = _pair((self.block_q, self.block_k), "block_q/block_k")
@@ -408,5 +412,6 @@ class BlockSparseMask:
                 else getattr(self, f.name)
             )
             for f in fields(self)
+            if f.init
         }
         return BlockSparseMask(**moved)
