@@ -167,3 +167,14 @@ def test_mot_command_runs_end_to_end(tmp_path):
     assert flops["mot"] == flops["dense"] > 0
     assert result["results"]["mot"]["params"] > result["results"]["dense"]["params"]
     assert result["sequence"]["length"] == 8 + 16 + 49
+
+
+def test_runs_under_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    block = MoTBlock(16, 4, num_modalities=2, qk_norm=True)
+    x = torch.randn(2, 8, 16)
+    modality = torch.randint(0, 2, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = block(x, modality)
+    ref = block(x, modality)
+    assert (low.float() - ref).norm() / ref.norm() < 3e-2

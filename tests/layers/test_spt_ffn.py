@@ -160,3 +160,14 @@ def test_routing_bench_runs_on_cpu(tmp_path):
     assert ("routed_ffn_opt", "routed_grouped", "forward_backward") in names
     assert ("moe_attention", "moe_sparse_cf1.25", "forward") in names
     assert ("moe_softmax", "dense_ffn_equal_active_flops", "forward") in names
+
+
+@pytest.mark.parametrize("style", ["opt", "llama"])
+def test_runs_under_bf16_autocast_close_to_fp32(style):
+    torch.manual_seed(0)
+    ffn = RoutedFFN(16, 64, 8, top_k=8, style=style)  # all blocks: bf16 rounding cannot flip the top-k
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = ffn(x)
+    ref = ffn(x)
+    assert (low.float() - ref).norm() / ref.norm() < 3e-2

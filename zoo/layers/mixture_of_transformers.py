@@ -63,10 +63,14 @@ def modality_linear(
     """
     if len(groups) == 1 and groups[0] is None:
         return F.linear(x, weight[0])
-    y = x.new_empty(x.shape[0], out_features)
-    for m, index in enumerate(groups):
-        if index is not None and index.numel():
-            y = y.index_copy(0, index, F.linear(x.index_select(0, index), weight[m]))
+    parts = [
+        (index, F.linear(x.index_select(0, index), weight[m]))
+        for m, index in enumerate(groups)
+        if index is not None and index.numel()
+    ]
+    y = parts[0][1].new_empty(x.shape[0], out_features)  # the dtype autocast chose for the products
+    for index, part in parts:
+        y = y.index_copy(0, index, part)
     return y
 
 
@@ -187,9 +191,9 @@ class MoTBlock(nn.Module):
         h, d = self.num_heads, self.head_dim
         flat = x.reshape(b * n, c)
         groups = _modality_groups(modality.reshape(-1).long(), self.num_modalities)
-        q = modality_linear(flat, groups, self.wq, c)
-        k = modality_linear(flat, groups, self.wk, c)
-        v = modality_linear(flat, groups, self.wv, c)
+        # q, k, v (and later the two SwiGLU inputs) in one gather/matmul/scatter per modality
+        qkv = modality_linear(flat, groups, torch.cat([self.wq, self.wk, self.wv], dim=1), 3 * c)
+        q, k, v = qkv.split(c, dim=-1)
         if self.qk_norm:
             q_w = _modality_rows(self.q_norm, groups, b * n).unsqueeze(1)
             k_w = _modality_rows(self.k_norm, groups, b * n).unsqueeze(1)
@@ -204,8 +208,10 @@ class MoTBlock(nn.Module):
         hidden_states = flat + _rms_norm(
             attn_out, _modality_rows(self.attn_norm, groups, b * n), self.norm_eps
         )
-        gate = modality_linear(hidden_states, groups, self.w1, self.hidden)
-        up = modality_linear(hidden_states, groups, self.w3, self.hidden)
+        gate_up = modality_linear(
+            hidden_states, groups, torch.cat([self.w1, self.w3], dim=1), 2 * self.hidden
+        )
+        gate, up = gate_up.split(self.hidden, dim=-1)
         ffn_out = modality_linear(F.silu(gate) * up, groups, self.w2, c)
         out = hidden_states + _rms_norm(ffn_out, _modality_rows(self.ffn_norm, groups, b * n), self.norm_eps)
         return out.view(b, n, c)

@@ -62,11 +62,12 @@ __all__ = [
     "run_moe_lm",
     "run_mot",
     "run_routing_bench",
+    "export_data",
 ]
 
 log = get_logger("zoo.layers.routing")
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path(os.environ.get("ZOO_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 GCIDE_FILE = Path("/usr/share/dictd/gcide.dict.dz")
 FASHION_CLASSES = (
     "t-shirt",
@@ -86,9 +87,26 @@ FASHION_CLASSES = (
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "attnzoo")) / "text"
+    """``$ZOO_CACHE/routing`` (default ``~/.cache/attnzoo/routing``): the extracted text corpora."""
+    path = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "attnzoo")) / "routing"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def export_data(dest: str | Path, gcide_bytes: int = 20_000_000) -> Path:
+    """Copy the corpora into ``dest`` for a machine without the Debian packages.
+
+    Writes ``dest/routing/{kjv,gcide}.txt`` and ``dest/fashion-mnist/*.gz`` (about 55 MB with the
+    default ``gcide_bytes``); there, set ``ZOO_CACHE=dest`` and ``ZOO_FASHION_MNIST=dest/fashion-mnist``.
+    """
+    dest = Path(dest)
+    (dest / "routing").mkdir(parents=True, exist_ok=True)
+    (dest / "routing" / "kjv.txt").write_bytes(kjv_text())
+    (dest / "routing" / "gcide.txt").write_bytes(gcide_text(gcide_bytes))
+    (dest / "fashion-mnist").mkdir(exist_ok=True)
+    for path in sorted(FASHION_MNIST_DIR.glob("*-ubyte.gz")):
+        shutil.copyfile(path, dest / "fashion-mnist" / path.name)
+    return dest
 
 
 def kjv_text() -> bytes:

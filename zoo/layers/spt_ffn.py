@@ -202,7 +202,7 @@ class RoutedFFN(nn.Module):
             w2 = self.down.weight.view(c, nb, bs).permute(1, 2, 0)
             bias_out = None
         out = torch.bmm(hidden, w2)  # [nb, max_load, C]
-        y = x.new_zeros(t, c).index_add(0, flat_token, out[flat_block, flat_slot])
+        y = x.new_zeros(t, c).index_add(0, flat_token, out[flat_block, flat_slot].to(x.dtype))
         return y if bias_out is None else y + bias_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
