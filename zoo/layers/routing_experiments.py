@@ -93,10 +93,10 @@ def cache_dir() -> Path:
     return path
 
 
-def export_data(dest: str | Path, gcide_bytes: int = 20_000_000) -> Path:
+def export_data(dest: str | Path, gcide_bytes: int = 12_000_000) -> Path:
     """Copy the corpora into ``dest`` for a machine without the Debian packages.
 
-    Writes ``dest/routing/{kjv,gcide}.txt`` and ``dest/fashion-mnist/*.gz`` (about 55 MB with the
+    Writes ``dest/routing/{kjv,gcide}.txt`` and ``dest/fashion-mnist/*.gz`` (about 46 MB with the
     default ``gcide_bytes``); there, set ``ZOO_CACHE=dest`` and ``ZOO_FASHION_MNIST=dest/fashion-mnist``.
     """
     dest = Path(dest)
