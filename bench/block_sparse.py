@@ -374,7 +374,7 @@ def warm_up_ours(device: torch.device, dtype: torch.dtype, heads: int, head_dim:
         out = fn()
         outputs[name] = [out.float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
     for i, label in enumerate(("out", "dq", "dk", "dv")):
-        ours, ref = outputs["ours"][i], outputs["sdpa"][i]
+        ours, ref = outputs["ours"][i].detach(), outputs["sdpa"][i].detach()
         result[f"rel_error_vs_sdpa_{label}"] = float((ours - ref).norm() / ref.norm())
     print(f"warm-up: {result}", flush=True)
     return result
