@@ -265,3 +265,19 @@ def test_bad_inputs_raise_clear_errors():
         antidiagonal_block_scores(q, k, 16, 4, backend="cuda")
     with pytest.raises(ValueError, match="CUDA"):
         antidiagonal_block_scores_triton(q, k, 16, 4)
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result():
+    """Hugging Face passes q/k/v as transposed views of [B, N, H, D] projections."""
+    from zoo.layers import MInference, PBSAttention
+
+    q = torch.randn(1, 64, 4, 8, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(1, 64, 2, 8, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(1, 64, 2, 8, dtype=torch.float64).transpose(1, 2)
+    assert not q.is_contiguous()
+    for layer in (
+        XAttention(block_size=16, stride=4, threshold=0.5),
+        PBSAttention(block_size=16, segment_size=32, threshold=0.5),
+        MInference("block_sparse", block_size=16, topk=2),
+    ):
+        torch.testing.assert_close(layer(q, k, v), layer(q.contiguous(), k.contiguous(), v.contiguous()))

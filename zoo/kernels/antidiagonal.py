@@ -128,9 +128,9 @@ def antidiagonal_block_scores_reference(
     qf = torch.nn.functional.pad(q.to(compute), (0, 0, 0, rows * s - n))
     kf = torch.nn.functional.pad(k.to(compute), (0, 0, 0, cols * s - m))
     # strided keys: group c holds k[c*S + i] at features [i*D, (i+1)*D)
-    k_strided = kf.view(batch, kv_heads, cols, s * dim)
+    k_strided = kf.reshape(batch, kv_heads, cols, s * dim)
     # reversed strided queries: group r holds q[r*S + S-1-i] at features [i*D, (i+1)*D)
-    q_strided = qf.view(batch, heads, rows, s, dim).flip(3).reshape(batch, kv_heads, group, rows, s * dim)
+    q_strided = qf.reshape(batch, heads, rows, s, dim).flip(3).reshape(batch, kv_heads, group, rows, s * dim)
 
     scale = 1.0 / math.sqrt(dim) / s
     col = torch.arange(cols, device=q.device)

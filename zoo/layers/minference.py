@@ -168,11 +168,11 @@ def block_sparse_scores(q: Tensor, k: Tensor, block: int) -> Tensor:
     k_counts = torch.clamp(m - torch.arange(num_k_blocks, device=q.device) * block, max=block).float()
     q_pad = torch.nn.functional.pad(_acc(q), (0, 0, 0, num_q_blocks * block - n))
     k_pad = torch.nn.functional.pad(_acc(k), (0, 0, 0, num_k_blocks * block - m))
-    pooled_q = q_pad.view(batch, heads, num_q_blocks, block, dim).sum(3) / q_counts[:, None]
-    pooled_k = k_pad.view(batch, kv_heads, num_k_blocks, block, dim).sum(3) / k_counts[:, None]
+    pooled_q = q_pad.reshape(batch, heads, num_q_blocks, block, dim).sum(3) / q_counts[:, None]
+    pooled_k = k_pad.reshape(batch, kv_heads, num_k_blocks, block, dim).sum(3) / k_counts[:, None]
     group = heads // kv_heads
     scores = torch.matmul(
-        pooled_q.view(batch, kv_heads, group, num_q_blocks, dim), pooled_k[:, :, None].transpose(-1, -2)
+        pooled_q.reshape(batch, kv_heads, group, num_q_blocks, dim), pooled_k[:, :, None].transpose(-1, -2)
     )
     return scores.reshape(batch, heads, num_q_blocks, num_k_blocks)
 

@@ -160,7 +160,7 @@ class PBSAttention(nn.Module):
         num_q_blocks, num_k_blocks = _ceil_div(n, bs), _ceil_div(m, bs)
         q_pad = torch.nn.functional.pad(_acc(q), (0, 0, 0, num_q_blocks * bs - n))
         q_counts = torch.clamp(n - torch.arange(num_q_blocks, device=q.device) * bs, max=bs).float()
-        pooled_q = q_pad.view(batch, heads, num_q_blocks, bs, dim).sum(3) / q_counts[:, None]
+        pooled_q = q_pad.reshape(batch, heads, num_q_blocks, bs, dim).sum(3) / q_counts[:, None]
         # slot of each original key -> its key block; pool keys by scattering (no permuted copy of K)
         inverse = torch.empty_like(key_perm)
         inverse.scatter_(-1, key_perm, torch.arange(m, device=q.device).expand_as(key_perm))
@@ -173,7 +173,8 @@ class PBSAttention(nn.Module):
             )
         pooled_k = pooled_k / k_counts[:, None]
         logits = torch.matmul(
-            pooled_q.view(batch, kv_heads, group, num_q_blocks, dim), pooled_k[:, :, None].transpose(-1, -2)
+            pooled_q.reshape(batch, kv_heads, group, num_q_blocks, dim),
+            pooled_k[:, :, None].transpose(-1, -2),
         )
         return (logits * dim**-0.5).reshape(batch, heads, num_q_blocks, num_k_blocks)
 
@@ -197,10 +198,10 @@ class PBSAttention(nn.Module):
         if causal:  # own-segment blocks whose keys all come after the query block are never needed
             pad = num_k_blocks * bs - m
             perm_pad = torch.nn.functional.pad(key_perm, (0, pad), value=m)
-            earliest = perm_pad.view(*key_perm.shape[:2], num_k_blocks, bs).amin(-1)
+            earliest = perm_pad.reshape(*key_perm.shape[:2], num_k_blocks, bs).amin(-1)
             forced = forced & (earliest[:, :, None, :] <= last_pos[None, None, :, None])
         if self.force_first_block:
-            first_block = (key_perm == 0).view(*key_perm.shape[:2], -1)
+            first_block = (key_perm == 0).reshape(*key_perm.shape[:2], -1)
             first_block = torch.nn.functional.pad(first_block, (0, num_k_blocks * bs - m))
             first_block = first_block.view(*key_perm.shape[:2], num_k_blocks, bs).any(-1)
             forced = forced | first_block[:, :, None, :]

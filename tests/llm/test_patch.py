@@ -1,0 +1,129 @@
+"""zoo.llm.sparse_prefill on a tiny random LlamaForCausalLM (GQA), through transformers' registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.llm import sparse_prefill, unpatch
+from zoo.llm.patch import ATTENTION_NAME
+
+FULL_BUDGET = [
+    ("xattention", dict(block_size=16, stride=4, threshold=1.0)),
+    ("pbs", dict(block_size=16, segment_size=32, threshold=1.0)),
+    ("minference", dict(pattern="vertical_slash", block_size=16, vertical_size=500, slash_size=500)),
+    ("minference", dict(pattern="block_sparse", block_size=16, topk=100)),
+]
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(3, 300, (2, 100), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method,cfg", FULL_BUDGET)
+def test_full_budget_logits_equal_unpatched_model(tiny_llama, ids, method, cfg):
+    with torch.no_grad():
+        dense = tiny_llama(input_ids=ids).logits
+        calls = []
+        with sparse_prefill(tiny_llama, method, recorder=lambda layer, *rest: calls.append(layer), **cfg):
+            assert tiny_llama.config._attn_implementation == ATTENTION_NAME
+            sparse = tiny_llama(input_ids=ids).logits
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=2e-5)
+    assert calls == [0, 1]  # every layer went through the sparse path
+
+
+def test_sparse_threshold_changes_logits_and_unpatch_restores(tiny_llama, ids):
+    with torch.no_grad():
+        dense = tiny_llama(input_ids=ids).logits
+        handle = sparse_prefill(tiny_llama, "xattention", block_size=16, stride=4, threshold=0.2)
+        sparse = tiny_llama(input_ids=ids).logits
+        assert (sparse - dense).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="already patched"):
+            sparse_prefill(tiny_llama, "pbs")
+        unpatch(tiny_llama)
+        assert tiny_llama.config._attn_implementation == "sdpa"
+        assert not any(hasattr(m, "_zoo_sparse_prefill") for m in tiny_llama.modules())
+        torch.testing.assert_close(tiny_llama(input_ids=ids).logits, dense, rtol=0, atol=0)
+        handle.unpatch()  # a second unpatch is harmless
+
+
+def test_decode_stays_dense_and_generation_matches_at_full_budget(tiny_llama, ids):
+    prompt = ids[:1, :80]
+    with torch.no_grad():
+        expected = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False)
+        seen = []
+        with sparse_prefill(
+            tiny_llama,
+            "xattention",
+            block_size=16,
+            stride=4,
+            threshold=1.0,
+            recorder=lambda *a: seen.append(a[1].shape[2]),
+        ):
+            got = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False)
+        with sparse_prefill(tiny_llama, "pbs", block_size=16, segment_size=32, threshold=0.3):
+            sparse_tokens = tiny_llama.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, expected)
+    assert seen == [80, 80]  # only the prefill (80 queries, both layers) was sparse
+    assert sparse_tokens.shape == expected.shape
+
+
+def test_batch_with_left_padding_equals_dense_on_valid_tokens(tiny_llama, ids):
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :37] = 0
+    with torch.no_grad():
+        dense = tiny_llama(input_ids=ids, attention_mask=attention_mask).logits
+        shapes = []
+        with sparse_prefill(
+            tiny_llama,
+            "pbs",
+            block_size=16,
+            segment_size=32,
+            threshold=1.0,
+            recorder=lambda *a: shapes.append(a[1].shape),
+        ):
+            sparse = tiny_llama(input_ids=ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(sparse[0], dense[0], rtol=0, atol=2e-5)
+    torch.testing.assert_close(sparse[1, 37:], dense[1, 37:], rtol=0, atol=2e-5)
+    # each padded row ran on its own valid span: 100 and 63 tokens
+    assert sorted({tuple(s)[2] for s in shapes}) == [63, 100]
+
+
+def test_layer_selection_and_context_manager(tiny_llama, ids):
+    calls = []
+    with (
+        torch.no_grad(),
+        sparse_prefill(
+            tiny_llama,
+            "xattention",
+            block_size=16,
+            stride=4,
+            skip_layers=[0],
+            recorder=lambda layer, *a: calls.append(layer),
+        ) as handle,
+    ):
+        tiny_llama(input_ids=ids)
+        assert handle.layers == {1: handle.layers[1]} and handle.layers[1] is not None
+    assert calls == [1]
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    with (
+        torch.no_grad(),
+        sparse_prefill(tiny_llama, "xattention", min_prefill=200, recorder=lambda *a: calls.append(-1)),
+    ):
+        tiny_llama(input_ids=ids)  # 100 new tokens < min_prefill: dense
+    assert calls == [1]
+
+
+def test_bad_arguments_raise_clear_errors(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="method"):
+        sparse_prefill(tiny_llama, "flash")
+    with pytest.raises(ValueError, match="layer indices"):
+        sparse_prefill(tiny_llama, "xattention", layers=[0, 5])
+    with pytest.raises(ValueError, match="config_path"):
+        sparse_prefill(tiny_llama, "xattention", config_path=tmp_path / "x.json")
+    with pytest.raises(ValueError, match="threshold"):
+        sparse_prefill(tiny_llama, "xattention", threshold=2.0)
+    with pytest.raises(ValueError, match="no attention layers"):
+        sparse_prefill(torch.nn.Linear(2, 2), "xattention")
+    assert tiny_llama.config._attn_implementation == "sdpa"
