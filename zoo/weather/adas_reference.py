@@ -16,6 +16,7 @@ benchmark uses it as the upstream-style baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -180,6 +181,7 @@ def _merge(windows: torch.Tensor, win, B: int, D: int, H: int, W: int) -> torch.
     return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(B, D, H, W, -1)
 
 
+@lru_cache(maxsize=64)
 def _shift_mask(Dp: int, Hp: int, Wp: int, win, shift, device) -> torch.Tensor:
     """Strip labels as Swin's slices assign them; the longitude loop relabels every column, so it never masks."""
     labels = torch.zeros(Dp, Hp, Wp)
@@ -192,6 +194,11 @@ def _shift_mask(Dp: int, Hp: int, Wp: int, win, shift, device) -> torch.Tensor:
     per_window = _partition(labels[None, ..., None], win).squeeze(-1)
     diff = per_window[:, None, :] - per_window[:, :, None]
     return torch.where(diff != 0, -100.0, 0.0).to(device)
+
+
+@lru_cache(maxsize=64)
+def _bias_index(window: tuple, tokens: int, device) -> torch.Tensor:
+    return torch.from_numpy(_window_index(window)[:tokens, :tokens].reshape(-1)).to(device)
 
 
 def _swin_block(
@@ -225,7 +232,7 @@ def _swin_block(
         qkv = _linear(xw, sd, p + ".attn.qkv").reshape(Bw, N, 3, heads, hd)
         q, k, v = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
     logits = (q * hd**-0.5) @ k.transpose(-2, -1)
-    index = torch.from_numpy(_window_index(cfg.window)[:N, :N].reshape(-1)).to(x.device)
+    index = _bias_index(cfg.window, N, x.device)
     bias = sd[p + ".attn.relative_position_bias_table"][index].reshape(N, N, heads).permute(2, 0, 1)
     logits = logits + bias[None]
     if any(shift):

@@ -258,14 +258,14 @@ class Normalisation:
             raise ValueError(f"Normalisation: std must be positive, got {self.std}")
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (len(self.mean),) + (1,) * (x.dim() - 2)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        """Mean and std shaped ``(C, 1, 1)``: channels are the third axis from the end, ``(..., C, lat, lon)``."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
         return mean, std
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != len(self.mean):
-            raise ValueError(f"normalise: expected {len(self.mean)} channels, got {x.shape[1]}")
+        if x.dim() < 3 or x.shape[-3] != len(self.mean):
+            raise ValueError(f"normalise: expected (..., {len(self.mean)}, lat, lon), got {tuple(x.shape)}")
         mean, std = self._stats(x)
         return (x - mean) / std
 

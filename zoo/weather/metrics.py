@@ -116,9 +116,12 @@ def climatology(ds: xr.Dataset, window_days: int = 1, time_dim: str = "time") ->
     """Mean by day of year and hour (``dayofyear`` 1..366, ``hour``), smoothed over ``window_days`` (circular)."""
     grouped = ds.assign_coords(dayofyear=ds[time_dim].dt.dayofyear, hour=ds[time_dim].dt.hour)
     clim = grouped.groupby(["dayofyear", "hour"]).mean(time_dim)
-    clim = clim.reindex(dayofyear=np.arange(1, 367))
     # days absent from the data (a short record) take the nearest present day, circularly
-    clim = clim.interpolate_na("dayofyear", method="nearest", fill_value="extrapolate")
+    present = np.asarray(clim["dayofyear"].values)
+    days = np.arange(1, 367)
+    gap = np.abs(days[:, None] - present[None, :])
+    nearest = np.minimum(gap, 366 - gap).argmin(1)
+    clim = clim.isel(dayofyear=nearest).assign_coords(dayofyear=days)
     if window_days > 1:
         half = window_days // 2
         padded = clim.pad(dayofyear=half, mode="wrap")

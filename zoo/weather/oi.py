@@ -108,8 +108,8 @@ class OptimalInterpolation:
     ) -> torch.Tensor:
         """``(C, H, W)`` background, observations and 0/1 mask (data units) -> analysis ``(C, H, W)``."""
         C, H, W = background.shape
-        lat = torch.as_tensor(np.asarray(latitude, float), dtype=torch.float64)
-        lon = torch.as_tensor(np.asarray(longitude, float), dtype=torch.float64)
+        lat = torch.tensor(np.array(latitude, dtype=float), dtype=torch.float64)
+        lon = torch.tensor(np.array(longitude, dtype=float), dtype=torch.float64)
         glat = lat[:, None].expand(H, W).reshape(-1)
         glon = lon[None, :].expand(H, W).reshape(-1)
         out = background.double().clone()
@@ -127,7 +127,9 @@ class OptimalInterpolation:
             corr_go = gaussian_correlation(great_circle_km(glat, glon, olat, olon), self.length_scale_km)
             ratio = (self.sigma_o[c] / self.sigma_b[c]) ** 2
             innovation = observation[c].reshape(-1)[where].double() - out[c].reshape(-1)[where]
-            system = corr_oo + (ratio + 1e-9) * torch.eye(n, dtype=torch.float64)
+            system = corr_oo + max(ratio, 1e-6) * torch.eye(
+                n, dtype=torch.float64
+            )  # floor keeps near-duplicate points solvable
             weights = torch.linalg.solve(system, innovation)
             out[c] += (corr_go @ weights).view(H, W)
         return out.to(background.dtype)

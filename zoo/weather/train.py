@@ -1,0 +1,590 @@
+"""OSSE recipes: nature run, forecaster training, Adas training on cycled backgrounds, evaluation.
+
+Follows FengWu-Adas (arXiv 2312.12462) on our shallow-water OSSE:
+
+- ``nature``: 3 training years and 1 held-out year of 6-hourly states (:mod:`zoo.weather.nature_run`);
+- ``forecaster``: the FengWu-style network (arXiv 2304.02948) learns the 6-hour step from
+  ``(x_{t-6h}, x_t)``, MSE on normalised states;
+- ``adas``: as in the paper, the background of each step is the forecaster's 6-hour forecast
+  from the previous *analyses* (``B`` parallel cycling streams walk through the training years;
+  a stream restarts from the truth at random times), observations are the truth plus Gaussian
+  errors at a random 10%, 1% or 0.1% of grid values, loss UnifyMAE;
+- ``eval``: on the held-out year, WeatherBench2 RMSE / bias / ACC of the background, OI
+  (3D-Var) and Adas at 10%, 1% and 0.1% observations, a cycling run (RMSE over time, PNG) and
+  a map of analysis increments.
+
+Every stage has a wall-clock budget (``--minutes``), saves resumable state in ``--out`` and
+writes a JSON of its results there; checkpoints are ``.safetensors`` with a ``.json`` sidecar
+(architecture, config, layout, normalisation, metrics) that ``zoo.weather.load_*`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from zoo.progress import get_logger
+from zoo.weather.grid import Normalisation
+from zoo.weather.osse import OBSERVATION_ERROR_STD, TEST_YEAR, TRAIN_YEARS, load_years, osse_layout
+
+__all__ = ["evaluate", "run_nature", "train_adas", "train_forecaster"]
+
+log = get_logger("zoo.weather.train")
+FRACTIONS = (0.1, 0.01, 0.001)
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, default=float))
+
+
+def run_nature(
+    data: str | Path,
+    nlat: int = 64,
+    nlon: int = 128,
+    days: float = 365.0,
+    spinup_days: float = 60.0,
+    device: str | None = None,
+    years: Sequence[int] = (*TRAIN_YEARS, TEST_YEAR),
+) -> dict[str, Any]:
+    from zoo.weather.nature_run import generate_nature_run
+
+    start = time.perf_counter()
+    paths = generate_nature_run(
+        data, years=years, nlat=nlat, nlon=nlon, days=days, spinup_days=spinup_days, device=_device(device)
+    )
+    return {"files": [str(p) for p in paths], "seconds": time.perf_counter() - start}
+
+
+def _year_tensors(data: Path, years: Sequence[int], nlat: int, nlon: int) -> list[torch.Tensor]:
+    layout = osse_layout(nlat, nlon)
+    return [layout.to_tensor(load_years(data, [y], nlat, nlon)) for y in years]
+
+
+def _save_model(out: Path, name: str, model: torch.nn.Module, meta: dict, half: bool = False) -> Path:
+    from zoo import checkpoints
+
+    state = {
+        k: (v.to(torch.bfloat16) if half and v.is_floating_point() else v)
+        for k, v in model.state_dict().items()
+    }
+    path = checkpoints.save(state, out / f"{name}.safetensors")
+    _write_json(out / f"{name}.json", meta)
+    return path
+
+
+def _budget_loop(minutes: float, max_steps: int, start_step: int):
+    """Yield ``(step, progress)`` until ``max_steps`` or the wall-clock budget; progress in [0, 1] is whichever is nearer its end."""
+    begin = time.perf_counter()
+    budget = 60.0 * minutes
+    step = start_step
+    while step < max_steps and time.perf_counter() - begin < budget:
+        yield step, max(step / max_steps, (time.perf_counter() - begin) / budget)
+        step += 1
+
+
+def _cosine_lr(step: int, progress: float, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
+
+
+def train_forecaster(
+    data: str | Path,
+    out: str | Path,
+    arch: str = "fengwu_lite_osse_64x128",
+    minutes: float = 3.0,
+    max_steps: int = 4000,
+    batch: int = 16,
+    lr: float = 1e-3,
+    nlat: int = 64,
+    nlon: int = 128,
+    device: str | None = None,
+    seed: int = 0,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
+    """Train the 6-hour forecaster on the training years; resumable from ``out/forecaster_train.pt``."""
+    import zoo
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    torch.manual_seed(seed)
+    layout = osse_layout(nlat, nlon)
+    years = [t.to(dev) for t in _year_tensors(data, TRAIN_YEARS, nlat, nlon)]
+    (test,) = _year_tensors(data, [TEST_YEAR], nlat, nlon)
+    norm = Normalisation.fit(torch.cat([y[::5].cpu() for y in years]), layout.channel_names())
+    years = [norm.normalise(y) for y in years]
+    config = dict(grid=(nlat, nlon), **(overrides or {}))
+    model = zoo.create(arch, **config).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    state_path = out / "forecaster_train.pt"
+    step0 = 0
+    if state_path.is_file():
+        saved = torch.load(state_path, map_location=dev, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step0 = int(saved["step"])
+        log.info("forecaster: resuming at step %d", step0)
+    gen = torch.Generator(device="cpu").manual_seed(seed + step0)
+    amp = dev.type == "cuda"
+    losses = []
+    model.train()
+    last_save = time.perf_counter()
+    for step, done in _budget_loop(minutes, max_steps, step0):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, done, lr)
+        which = torch.randint(len(years), (batch,), generator=gen)
+        x, y = [], []
+        for w in which.tolist():
+            t = int(torch.randint(1, years[w].shape[0] - 1, (1,), generator=gen))
+            x.append(years[w][t - 1 : t + 1])
+            y.append(years[w][t + 1])
+        x, y = torch.stack(x), torch.stack(y)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x)
+        loss = torch.nn.functional.mse_loss(pred.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log.info("forecaster step %d loss %.4f", step, loss.item())
+        if time.perf_counter() - last_save > 60:
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, state_path
+            )
+            last_save = time.perf_counter()
+    final_step = step0 + len(losses)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": final_step}, state_path)
+    metrics = _forecast_skill(model, norm, test, layout, dev)
+    meta = {
+        "arch": arch,
+        "config": config,
+        "layout": layout.to_dict(),
+        "normalisation": norm.to_dict(),
+        "history": 2,
+        "steps": final_step,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "metrics": metrics,
+    }
+    _save_model(out, "forecaster", model, meta)
+    result = {k: v for k, v in meta.items() if k not in ("normalisation", "layout")}
+    _write_json(out / "forecaster_results.json", result)
+    return result
+
+
+def _forecast_skill(
+    model, norm: Normalisation, test: torch.Tensor, layout, dev, samples: int = 64
+) -> dict[str, Any]:
+    """6-hour forecast RMSE (area-weighted, per variable) on the held-out year, against persistence."""
+    from zoo.weather.metrics import latitude_weights
+
+    idx = np.linspace(2, test.shape[0] - 2, samples).astype(int)
+    x = torch.stack([test[i - 2 : i] for i in idx]).to(dev)
+    truth = test[idx].to(dev)
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat(
+            [norm.denormalise(model(norm.normalise(x[i : i + 16]))) for i in range(0, len(idx), 16)]
+        )
+    import xarray as xr
+
+    w = torch.as_tensor(
+        latitude_weights(xr.DataArray(np.asarray(layout.latitude), dims="latitude")).values,
+        device=dev,
+        dtype=torch.float32,
+    )
+
+    def rmse(a):
+        return (((a - truth) ** 2) * w[:, None]).mean((2, 3)).mean(0).sqrt().tolist()
+
+    names = layout.channel_names()
+    return {
+        "rmse_6h": dict(zip(names, rmse(preds))),
+        "rmse_persistence": dict(zip(names, rmse(x[:, -1]))),
+    }
+
+
+def _load_checkpoint_model(path: Path, device: torch.device):
+    import zoo
+
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = zoo.create(meta["arch"], checkpoint=path, **meta.get("config", {})).float().to(device)
+    return model, meta
+
+
+def train_adas(
+    data: str | Path,
+    out: str | Path,
+    forecaster: str | Path | None = None,
+    arch: str = "adas_osse_64x128",
+    minutes: float = 3.0,
+    max_steps: int = 4000,
+    streams: int = 8,
+    restart_every: int = 40,
+    lr: float = 5e-4,
+    fractions: Sequence[float] = FRACTIONS,
+    nlat: int = 64,
+    nlon: int = 128,
+    device: str | None = None,
+    seed: int = 0,
+    overrides: dict | None = None,
+) -> dict[str, Any]:
+    """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``."""
+    import zoo
+    from zoo.weather.adas import unify_mae
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    torch.manual_seed(seed)
+    fpath = Path(forecaster) if forecaster else out / "forecaster.safetensors"
+    fmodel, fmeta = _load_checkpoint_model(fpath, dev)
+    fmodel.eval().requires_grad_(False)
+    norm = Normalisation.from_dict(fmeta["normalisation"])
+    layout = osse_layout(nlat, nlon)
+    years = [norm.normalise(t.to(dev)) for t in _year_tensors(data, TRAIN_YEARS, nlat, nlon)]
+    config = dict(grid=(nlat, nlon), **(overrides or {}))
+    model = zoo.create(arch, **config).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    state_path = out / "adas_train.pt"
+    step0 = 0
+    if state_path.is_file():
+        saved = torch.load(state_path, map_location=dev, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step0 = int(saved["step"])
+    gen = torch.Generator(device="cpu").manual_seed(seed + step0)
+    noise_std = torch.tensor(
+        [OBSERVATION_ERROR_STD[n.split("/")[0]] for n in layout.channel_names()], device=dev
+    )
+    noise_std = (noise_std / torch.tensor(norm.std, device=dev, dtype=torch.float32)).view(1, -1, 1, 1)
+    amp = dev.type == "cuda"
+
+    def restart(b: int) -> tuple[int, int]:
+        w = int(torch.randint(len(years), (1,), generator=gen))
+        return w, int(torch.randint(2, years[w].shape[0] - 1, (1,), generator=gen))
+
+    where = [restart(b) for b in range(streams)]
+    window = torch.stack([years[w][t - 2 : t] for w, t in where])  # B, 2, C, H, W (normalised)
+    losses, ratios = [], []
+    model.train()
+    last_save = time.perf_counter()
+    for step, done in _budget_loop(minutes, max_steps, step0):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, done, lr)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            background = fmodel(window).float()
+        truth = torch.stack([years[w][t] for w, t in where])
+        frac = torch.tensor(
+            [fractions[int(i)] for i in torch.randint(len(fractions), (streams,), generator=gen)], device=dev
+        )
+        mask = (torch.rand(truth.shape, device=dev) < frac.view(-1, 1, 1, 1)).float()
+        obs = (truth + noise_std * torch.randn_like(truth)) * mask
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            analysis = model(background, obs, mask)
+        loss = unify_mae(analysis.float(), truth)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        with torch.no_grad():
+            ratios.append(float((analysis.float() - truth).abs().mean() / (background - truth).abs().mean()))
+            window = torch.stack([window[:, 1], analysis.detach().float()], dim=1)
+            for b in range(streams):
+                w, t = where[b]
+                t += 1
+                if t >= years[w].shape[0] or float(torch.rand(1, generator=gen)) < 1.0 / restart_every:
+                    w, t = restart(b)
+                    window[b] = years[w][t - 2 : t]
+                where[b] = (w, t)
+        if step % 100 == 0:
+            log.info("adas step %d loss %.4f analysis/background MAE %.3f", step, loss.item(), ratios[-1])
+        if time.perf_counter() - last_save > 60:
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, state_path
+            )
+            last_save = time.perf_counter()
+    final_step = step0 + len(losses)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": final_step}, state_path)
+    meta = {
+        "arch": arch,
+        "config": config,
+        "layout": layout.to_dict(),
+        "normalisation": norm.to_dict(),
+        "forecaster": str(fpath.name),
+        "steps": final_step,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "train_mae_ratio": float(np.mean(ratios[-50:])) if ratios else None,
+    }
+    _save_model(out, "adas", model, meta, half=True)
+    result = {k: v for k, v in meta.items() if k not in ("normalisation", "layout")}
+    _write_json(out / "adas_results.json", result)
+    return result
+
+
+def evaluate(
+    data: str | Path,
+    out: str | Path,
+    forecaster: str | Path | None = None,
+    adas: str | Path | None = None,
+    fractions: Sequence[float] = FRACTIONS,
+    samples: int = 16,
+    cycles: int = 240,
+    nlat: int = 64,
+    nlon: int = 128,
+    device: str | None = None,
+    seed: int = 0,
+    plots: bool = True,
+    work: str | Path | None = None,
+) -> dict[str, Any]:
+    """Background vs OI (3D-Var) vs Adas on the held-out year, plus a cycling run; writes ``eval_results.json``."""
+    import xarray as xr
+
+    from zoo.weather import metrics
+    from zoo.weather.api import AdasAssimilator, ModelForecaster, cycle
+    from zoo.weather.observations import random_grid_observations
+    from zoo.weather.oi import OptimalInterpolation
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    layout = osse_layout(nlat, nlon)
+    fmodel, fmeta = _load_checkpoint_model(
+        Path(forecaster) if forecaster else out / "forecaster.safetensors", dev
+    )
+    amodel, ameta = _load_checkpoint_model(Path(adas) if adas else out / "adas.safetensors", dev)
+    norm_f = Normalisation.from_dict(fmeta["normalisation"])
+    norm_a = Normalisation.from_dict(ameta["normalisation"])
+    fc = ModelForecaster(fmodel, layout, norm_f)
+    assim = AdasAssimilator(amodel, layout, norm_a, batch_size=16)
+    truth_year = load_years(data, [TEST_YEAR], nlat, nlon)
+    train = load_years(data, TRAIN_YEARS, nlat, nlon)
+    # climatology from the training years, indexed by day of year and hour
+    clim = metrics.climatology(train, window_days=15)
+    truth_t = layout.to_tensor(truth_year)
+    idx = np.linspace(2, truth_t.shape[0] - 1, samples).astype(int)
+    with torch.no_grad():
+        bg_t = torch.stack([fc.forecast_tensor(truth_t[i - 2 : i]) for i in idx])
+    truth_sel = truth_year.isel(time=idx)
+    background = layout.from_tensor(bg_t, truth_sel)
+    oi = OptimalInterpolation(layout, observation_error_std=OBSERVATION_ERROR_STD)
+    fit = oi.fit(
+        bg_t[:8].double(), truth_t[idx[:8]].double(), layout.latitude, layout.longitude, fraction=0.01
+    )
+    results: dict[str, Any] = {"samples": int(samples), "oi_fit": fit, "by_fraction": {}}
+
+    def scores(ds: xr.Dataset) -> dict[str, Any]:
+        r = metrics.rmse(ds, truth_sel)
+        b = metrics.bias(ds, truth_sel)
+        a = metrics.acc(ds, truth_sel, clim)
+        return {
+            v: {
+                "rmse": float(r[v].values.ravel()[0]),
+                "bias": float(b[v].values.ravel()[0]),
+                "acc": float(a[v].values.ravel()[0]),
+            }
+            for v in layout.variables
+        }
+
+    bg_scores = scores(background)
+    results["background"] = bg_scores
+    first_case = None
+    for frac in fractions:
+        obs = random_grid_observations(truth_sel, layout, frac, seed=seed, error_std=OBSERVATION_ERROR_STD)
+        adas_ana = assim(background, obs)
+        oi_ana = oi(background, obs)
+        entry = {"adas": scores(adas_ana), "oi": scores(oi_ana), "observed_values": obs.used}
+        entry["adas_over_background"] = {
+            v: entry["adas"][v]["rmse"] / bg_scores[v]["rmse"] for v in layout.variables
+        }
+        entry["oi_over_background"] = {
+            v: entry["oi"][v]["rmse"] / bg_scores[v]["rmse"] for v in layout.variables
+        }
+        results["by_fraction"][str(frac)] = entry
+        if first_case is None:
+            first_case = (
+                background.isel(time=0),
+                adas_ana.isel(time=0),
+                oi_ana.isel(time=0),
+                truth_sel.isel(time=0),
+                frac,
+            )
+    # cycling on the held-out year with 10% observations
+    rng_seed = seed
+
+    def observe(time):
+        sel = truth_year.sel(time=[time])
+        return random_grid_observations(
+            sel,
+            layout,
+            fractions[0],
+            seed=rng_seed + int(time.astype("datetime64[h]").astype(int)) % 100000,
+            error_std=OBSERVATION_ERROR_STD,
+        ).values
+
+    cyc_results = {}
+    if cycles > 0:
+        steps = min(cycles, truth_year.sizes["time"] - 2)
+        initial = truth_year.isel(time=slice(0, 2))
+        t0 = time.perf_counter()
+        cycle_dir = Path(work) / "cycle_adas" if work else out / "cycle_adas"
+        run = cycle(initial, observe, fc, assim, steps, out=cycle_dir, chunk=120, keep_backgrounds=False)
+        seconds = time.perf_counter() - t0
+        analyses = run.open()
+        free = cycle(initial, None, fc, None, min(steps, 40), out=None, keep_backgrounds=False).open()
+        truth_c = truth_year.sel(time=analyses["time"])
+        per_time = metrics.rmse(analyses, truth_c, per_time=True)
+        free_rmse = metrics.rmse(free, truth_year.sel(time=free["time"]), per_time=True)
+        cyc_results = {
+            "cycles": int(steps),
+            "seconds": seconds,
+            "finite": bool(all(np.isfinite(analyses[v].values).all() for v in layout.variables)),
+            "rmse_mean": {v: float(np.sqrt((per_time[v] ** 2).mean())) for v in layout.variables},
+            "rmse_last_30_days": {
+                v: float(np.sqrt((per_time[v].isel(time=slice(-120, None)) ** 2).mean()))
+                for v in layout.variables
+            },
+            "free_forecast_rmse_at_10_days": {
+                v: float(free_rmse[v].isel(time=-1).values.ravel()[0]) for v in layout.variables
+            },
+        }
+        if plots:
+            _plot_cycle(out / "cycle_rmse.png", per_time, free_rmse, bg_scores)
+    results["cycling"] = cyc_results
+    if plots and first_case is not None:
+        _plot_increments(out / "increments.png", *first_case)
+    _write_json(out / "eval_results.json", results)
+    return results
+
+
+def _plot_cycle(path: Path, per_time, free_rmse, bg_scores) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_time.data_vars)
+    fig, axes = plt.subplots(len(names), 1, figsize=(9, 2.6 * len(names)), sharex=True)
+    for ax, v in zip(np.atleast_1d(axes), names):
+        ax.plot(per_time["time"].values, per_time[v].values.ravel(), label="Adas cycling, 10% obs")
+        ax.plot(free_rmse["time"].values, free_rmse[v].values.ravel(), label="free forecast", alpha=0.7)
+        ax.axhline(bg_scores[v]["rmse"], color="k", ls="--", lw=0.8, label="6-h background from truth")
+        ax.set_ylabel(f"RMSE {v}")
+        ax.set_yscale("log")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_increments(path: Path, background, adas, oi, truth, frac) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = "geopotential"
+    pick = lambda ds: np.asarray(ds[v].squeeze().values)
+    panels = [
+        ("truth - background", pick(truth) - pick(background)),
+        ("Adas increment", pick(adas) - pick(background)),
+        ("OI increment", pick(oi) - pick(background)),
+    ]
+    lim = max(np.abs(p).max() for _, p in panels)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.4))
+    lon, lat = background["longitude"].values, background["latitude"].values
+    for ax, (title, field) in zip(axes, panels):
+        im = ax.pcolormesh(lon, lat, field, cmap="RdBu_r", vmin=-lim, vmax=lim, shading="auto")
+        ax.set_title(f"{title} ({v}, {100 * frac:g}% obs)", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run_all(
+    data: str | Path,
+    out: str | Path,
+    budget_minutes: float = 8.0,
+    nlat: int = 64,
+    nlon: int = 128,
+    days: float = 365.0,
+    spinup_days: float = 60.0,
+    samples: int = 16,
+    cycles: int = 240,
+    device: str | None = None,
+    forecaster_arch: str = "fengwu_lite_osse_64x128",
+    adas_arch: str = "adas_osse_64x128",
+    batch: int = 16,
+    streams: int = 8,
+) -> dict[str, Any]:
+    """Every stage in one call within ``budget_minutes``: nature run, forecaster, Adas, evaluation.
+
+    Data and resumable states live in ``data``; ``out`` receives only the deliverables (two
+    checkpoints with their sidecars, ``results.json``, two PNGs), so it stays under 8 files.
+    """
+    import shutil
+
+    start = time.perf_counter()
+    data, out = Path(data), Path(out)
+    work = data / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    left = lambda: budget_minutes - (time.perf_counter() - start) / 60.0
+    results: dict[str, Any] = {"budget_minutes": budget_minutes, "device": str(_device(device))}
+    if torch.cuda.is_available():
+        results["gpu"] = torch.cuda.get_device_name()
+    results["nature"] = run_nature(data, nlat, nlon, days, spinup_days, device)
+    reserve = min(1.5 if cycles else 1.0, 0.2 * budget_minutes)  # evaluation
+    share = max(0.02, (left() - reserve) / 2)
+    results["forecaster"] = train_forecaster(
+        data,
+        work,
+        forecaster_arch,
+        minutes=share,
+        max_steps=20000,
+        batch=batch,
+        nlat=nlat,
+        nlon=nlon,
+        device=device,
+    )
+    share = max(0.02, left() - reserve)
+    results["adas"] = train_adas(
+        data,
+        work,
+        arch=adas_arch,
+        minutes=share,
+        max_steps=20000,
+        streams=streams,
+        nlat=nlat,
+        nlon=nlon,
+        device=device,
+    )
+    results["eval"] = evaluate(
+        data, work, samples=samples, cycles=cycles, nlat=nlat, nlon=nlon, device=device, work=work
+    )
+    for name in (
+        "forecaster.safetensors",
+        "forecaster.json",
+        "adas.safetensors",
+        "adas.json",
+        "cycle_rmse.png",
+        "increments.png",
+    ):
+        if (work / name).is_file():
+            shutil.copy(work / name, out / name)
+    results["minutes"] = (time.perf_counter() - start) / 60.0
+    _write_json(out / "results.json", results)
+    return results
