@@ -154,6 +154,20 @@ def test_gradients_of_fast_path_equal_reference_and_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda t: layer(t, (5, 7)), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+def test_training_after_inference_mode_on_the_same_grid():
+    from zoo.layers import fasa
+
+    fasa._GRID_CACHE.clear()  # the first call below fills it, under inference mode
+    layer = FactorizationSelfAttention(32, 1, 4)
+    x = torch.randn(1, 10 * 9, 32)  # needs padded (gathered) windows
+    with torch.inference_mode():
+        expected = layer(x, (10, 9))
+    out = layer(x.requires_grad_(), (10, 9))
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_bf16_and_channels_last_inputs():
     layer = FactorizationSelfAttention(32, 2, 4)
     x = torch.randn(2, 12 * 10, 32)

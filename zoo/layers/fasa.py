@@ -108,7 +108,8 @@ def _cached_window_grid(
     if grid is None:
         if len(_GRID_CACHE) > 256:
             _GRID_CACHE.clear()
-        grid = _GRID_CACHE[key] = _window_grid(size, window, dilation, device)
+        with torch.inference_mode(False):  # cached indices must also serve later autograd passes
+            grid = _GRID_CACHE[key] = _window_grid(size, window, dilation, device)
     return grid
 
 

@@ -172,6 +172,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
+_ALWAYS_IN_COMMAND = ("model", "dataset", "batch_size", "epochs", "opt", "lr", "weight_decay", "sched")
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The ``zoo train image`` command that reproduces ``args`` (arguments that differ from the defaults)."""
     parser = add_train_arguments(argparse.ArgumentParser(add_help=False))
@@ -182,7 +185,9 @@ def command_line(args: argparse.Namespace) -> str:
         if dest not in defaults or dest in ("out", "resume"):
             continue
         value = getattr(args, dest, defaults[dest])
-        if value == defaults[dest] or (
+        if dest in _ALWAYS_IN_COMMAND and value not in (None, "", [], {}):
+            pass
+        elif value == defaults[dest] or (
             isinstance(value, (list, tuple)) and list(value) == list(defaults[dest])
         ):
             continue
