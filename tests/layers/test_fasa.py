@@ -102,6 +102,8 @@ def test_fast_path_equals_reference(dim, heads, sr, H, W):
     x = torch.randn(2, H * W, dim, dtype=torch.float64)
     ref = layer.forward_reference(x, (H, W))
     assert rel_err(layer(x, (H, W)), ref) < 1e-12
+    layer.pad_head_dim = True  # the CUDA dispatch: head dims zero-padded to a multiple of 8
+    assert rel_err(layer(x, (H, W)), ref) < 1e-12
     layer.fused_attn = False
     assert rel_err(layer(x, (H, W)), ref) < 1e-12
     # fp32 fast path vs fp64 reference: the project's 1e-4 tolerance
@@ -147,10 +149,13 @@ def test_one_window_is_dense_attention_over_its_tokens():
 def test_gradients_of_fast_path_equal_reference_and_pass_gradcheck():
     layer = FactorizationSelfAttention(16, 1, 2, window_size=3).double()
     x = torch.randn(1, 5 * 7, 16, dtype=torch.float64, requires_grad=True)
-    g_fast = torch.autograd.grad(layer(x, (5, 7)).pow(2).sum(), [x, *layer.parameters()])
     g_ref = torch.autograd.grad(layer.forward_reference(x, (5, 7)).pow(2).sum(), [x, *layer.parameters()])
-    for a, b in zip(g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for pad in (False, True):
+        layer.pad_head_dim = pad
+        g_fast = torch.autograd.grad(layer(x, (5, 7)).pow(2).sum(), [x, *layer.parameters()])
+        for a, b in zip(g_fast, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    layer.pad_head_dim = None
     assert torch.autograd.gradcheck(lambda t: layer(t, (5, 7)), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 

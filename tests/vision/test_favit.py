@@ -230,13 +230,16 @@ def test_official_checkpoint_gives_same_logits(official_b0, tmp_path, fmt):
             assert rel_err(use_reference_attention(model)(x), expected) < 1e-4
 
 
-def test_official_checkpoint_loads_through_timm(official_b0, tmp_path):
-    path = checkpoints.save(official_b0, tmp_path / "favit_b0.safetensors")
+@pytest.mark.parametrize("fmt", ["safetensors", "training_pth"])
+def test_official_checkpoint_loads_through_timm(official_b0, tmp_path, fmt):
+    if fmt == "safetensors":
+        path = checkpoints.save(official_b0, tmp_path / "favit_b0.safetensors")
+    else:
+        path = tmp_path / "favit_b0.pth"
+        torch.save({"model": official_b0, "args": argparse.Namespace(lr=1e-3), "epoch": 300}, path)
+    overlay = dict(file=str(path), num_classes=10)
     model = timm.create_model(
-        "favit_b0",
-        pretrained=True,
-        num_classes=10,
-        pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
+        "favit_b0", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay
     ).eval()
     x = torch.randn(1, 3, 112, 112)
     with torch.no_grad():

@@ -209,6 +209,9 @@ class FactorizationSelfAttention(nn.Module):
         Dropout on the attention weights and on the output.
     fused_attn:
         Use ``scaled_dot_product_attention`` in the fast path (else the explicit softmax).
+    pad_head_dim:
+        Zero-pad head dims to a multiple of 8 before ``scaled_dot_product_attention`` so the
+        flash / memory-efficient kernels apply (exact); ``None``: on CUDA tensors only.
     """
 
     def __init__(
@@ -221,6 +224,7 @@ class FactorizationSelfAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         fused_attn: bool = True,
+        pad_head_dim: bool | None = None,
     ):
         super().__init__()
         if not isinstance(sr_ratio, int) or sr_ratio < 1:
@@ -242,6 +246,7 @@ class FactorizationSelfAttention(nn.Module):
         self.dilations = dilations
         self.head_dim = window_dims[0] // num_heads
         self.fused_attn = fused_attn
+        self.pad_head_dim = pad_head_dim
 
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         # global branch
@@ -302,7 +307,15 @@ class FactorizationSelfAttention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.fused_attn:
             p = self.attn_drop.p if self.training else 0.0
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+            head_dim = q.shape[-1]
+            pad = self.pad_head_dim if self.pad_head_dim is not None else q.is_cuda
+            pad = (-head_dim) % 8 if pad else 0
+            if pad:
+                # flash / memory-efficient kernels need head dims in multiples of 8 (else the fp32 math
+                # fallback materialises the scores); zeros in q, k and v leave q.k and the output unchanged
+                q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
+            return out[..., :head_dim] if pad else out
         attn = (q * scale) @ k.transpose(-2, -1)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v

@@ -19,6 +19,7 @@ ratio, channels-last tokens throughout, a fast FaSA path, and timm-style module 
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from typing import Callable, Optional, Sequence, Union
@@ -38,6 +39,11 @@ except ImportError:  # pragma: no cover - older timm
     from timm.models._features import feature_take_indices
 
 __all__ = ["FaViT", "checkpoint_filter_fn", "MIN_INPUT_SIZE"]
+
+# official training checkpoints pickle their argparse.Namespace next to the weights; allow that one
+# harmless type so the weights-only loader of older timm versions reads them too
+# (pretrained_cfg_overlay=dict(file=...)); recent timm allows it itself
+torch.serialization.add_safe_globals([argparse.Namespace])
 
 PAPER = (
     "Factorization Vision Transformer: Modeling Long Range Dependency with Local Window Cost",
