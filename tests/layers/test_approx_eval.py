@@ -114,13 +114,24 @@ def test_evaluate_reports_errors_and_budgets():
 
 
 def test_equal_budget_parts_never_exceed_scatterbrain_flops():
-    rows = equal_budget_scatterbrain([_structured_sample(n=96)], num_features=8, window=8)
-    assert {r["sparse"] for r in rows} == {"local", "lsh"}
+    n, d = 96, 16
+    rows = equal_budget_scatterbrain([_structured_sample(n=n, d=d)], num_features=8, window=8, trials=1)
+    assert {(r["sparse"], r["budget"]) for r in rows} == {
+        (a, b) for a in ("local", "lsh") for b in ("flops", "entries")
+    }
     for r in rows:
-        budget = r["scatterbrain"]["flops"]
-        assert r["sparse_only"]["flops"] <= budget and r["lowrank_only"]["flops"] <= budget
-        assert r["sparse_only"]["window"] > 8 and r["lowrank_only"]["num_features"] > 8
-        assert set(r["rel_error"]) == {"scatterbrain", "sparse_only", "lowrank_only"}
+        w, m, causal = r["sparse_only"]["window"], r["lowrank_only"]["num_features"], r["causal"]
+        assert w > 8 and m > 8 and set(r["rel_error"]) == {"scatterbrain", "sparse_only", "lowrank_only"}
+        if r["budget"] == "flops":
+            budget = r["scatterbrain"]["flops"]
+            assert _performer_flops(n, d, m, causal) <= budget < _performer_flops(n, d, m + 1, causal)
+        else:
+            budget = r["scatterbrain"]["entries"]
+            assert m == budget // n
+        if r["sparse"] == "local":
+            cost = (4.0 * d if r["budget"] == "flops" else 1.0) * _local_band_entries(n, w, causal)
+            more = (4.0 * d if r["budget"] == "flops" else 1.0) * _local_band_entries(n, w + 1, causal)
+            assert cost <= budget < more or w == n
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -159,7 +170,7 @@ def test_eval_command_end_to_end_on_a_qkv_file(tmp_path):
         "combiner-axial",
         "combiner-mixture",
     }
-    assert len(result["scatterbrain_equal_budget"]) == 2 and (tmp_path / "t.png").exists()
+    assert len(result["scatterbrain_equal_budget"]) == 4 and (tmp_path / "t.png").exists()
     assert (
         main(
             [

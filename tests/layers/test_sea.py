@@ -65,13 +65,16 @@ def test_sparse_step_equals_masked_dense_attention():
     q, k, v = _qkv(N=21)
     for causal in (False, True):
         selected = torch.rand(2, 4, 21, 6) < 0.4
-        out, kept = sparse_attention_on_columns(q, k, v, selected, causal=causal, query_chunk=5)
         col = compressed_column_of_key(21, 6, causal)
         keep = torch.gather(selected, -1, col.clamp_min(0).expand(2, 4, 21, 21)) & (col >= 0)
         logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 8**-0.5
         p = torch.nan_to_num(torch.softmax(logits.masked_fill(~keep, float("-inf")), -1))
-        assert _rel(out, p @ v.repeat_interleave(2, 1)) < 1e-12
-        assert torch.equal(kept, keep.sum(-1))
+        for path in ("gather", "dense"):
+            out, kept = sparse_attention_on_columns(
+                q, k, v, selected, causal=causal, query_chunk=5, path=path
+            )
+            assert _rel(out, p @ v.repeat_interleave(2, 1)) < 1e-12
+            assert torch.equal(kept, keep.sum(-1))
 
 
 def test_grouped_top_k_shares_the_budget_across_heads():

@@ -577,13 +577,29 @@ def evaluate(
     return rows
 
 
-def equal_budget_scatterbrain(
-    samples: list[AttentionSample], *, num_features: int = 32, window: int = 32, device=None
-) -> list[dict]:
-    """Scatterbrain vs its sparse part and its low-rank part alone, each given Scatterbrain's FLOPs.
+def _largest_window(n: int, causal: bool, sparse: str, d: int, budget: float, kind: str, start: int) -> int:
+    """Largest local window / LSH bucket whose sparse-only cost stays within the budget."""
 
-    Sparse-only gets a larger window (local band) or larger buckets (LSH) and low-rank-only more
-    random features, chosen so their FLOPs match Scatterbrain's (never exceeding it).
+    def cost(w: int) -> float:
+        entries = _local_band_entries(n, w, causal) if sparse == "local" else n * w / (2 if causal else 1)
+        return entries * (4.0 * d if kind == "flops" else 1.0)
+
+    w = start
+    while w < n and cost(w + 1) <= budget:
+        w += 1
+    return w
+
+
+def equal_budget_scatterbrain(
+    samples: list[AttentionSample], *, num_features: int = 32, window: int = 32, trials: int = 3, device=None
+) -> list[dict]:
+    """Scatterbrain vs its sparse part and its low-rank part alone, each given Scatterbrain's budget.
+
+    Two budgets: ``flops`` (attention FLOPs, features and correction included) and ``entries``
+    (stored attention entries: N m for a rank-m factor, one per support entry, as the paper
+    compares a rank-r + s-sparse matrix with rank-(r + s/N) and (N r + s)-sparse ones). Sparse-only
+    gets the largest window (local band) or bucket (LSH) within the budget, low-rank-only the most
+    random features; errors are averaged over ``trials`` draws of features and hashes.
     """
     from zoo.layers.scatterbrain import (
         orthogonal_gaussian_projection,
@@ -602,51 +618,58 @@ def equal_budget_scatterbrain(
                 if sparse == "local"
                 else N * window / (2 if s.causal else 1)
             )
-            budget = _performer_flops(N, D, num_features, s.causal) + entries * (
-                4.0 * D + 2.0 * num_features + 2.0
-            )
-            # sparse-only: the largest support within the budget
-            if sparse == "local":
-                w2 = window
-                while w2 < N and 4.0 * D * _local_band_entries(N, w2 + 1, s.causal) <= budget:
-                    w2 += 1
-                sparse_flops = 4.0 * D * _local_band_entries(N, w2, s.causal)
-            else:
-                w2 = max(1, min(N, int(budget / (4.0 * D * N / (2 if s.causal else 1)))))
-                sparse_flops = 4.0 * D * N * w2 / (2 if s.causal else 1)
-            m2 = num_features
-            while _performer_flops(N, D, m2 + 1, s.causal) <= budget:
-                m2 += 1
-            errs = {}
-            for trial in range(3):  # average over randomness (features, hashes)
+            budgets = {
+                "flops": _performer_flops(N, D, num_features, s.causal)
+                + entries * (4.0 * D + 2.0 * num_features + 2.0),
+                "entries": N * num_features + entries,
+            }
+            sb_err = []
+            for trial in range(trials):
                 gen = torch.Generator().manual_seed(trial)
                 proj = orthogonal_gaussian_projection(num_features, D, generator=gen, device=q.device)
                 hv = torch.randn(1, D + 2, generator=gen).to(q.device)
-                sb = scatterbrain_attention(q, k, v, sparse=sparse, window=window, causal=s.causal, projection=proj,
-                                            hash_vectors=hv)  # fmt: skip
-                sp = scatterbrain_attention(q, k, v, sparse=sparse, window=w2, causal=s.causal, mode="sparse",
-                                            hash_vectors=hv)  # fmt: skip
-                proj2 = orthogonal_gaussian_projection(m2, D, generator=gen, device=q.device)
-                lr = performer_attention(q, k, v, proj2, causal=s.causal)
-                for name, out in (("scatterbrain", sb), ("sparse_only", sp), ("lowrank_only", lr)):
-                    errs.setdefault(name, []).append(relative_error(out, exact))
-            mean = {name: sum(v_) / len(v_) for name, v_ in errs.items()}
-            rows.append(
-                {
-                    "sample": s.name,
-                    "N": N,
-                    "causal": s.causal,
-                    "sparse": sparse,
-                    "scatterbrain": {"num_features": num_features, "window": window, "flops": budget},
-                    "sparse_only": {"window": w2, "flops": sparse_flops},
-                    "lowrank_only": {"num_features": m2, "flops": _performer_flops(N, D, m2, s.causal)},
-                    "rel_error": mean,
-                    "ratio_vs_sparse_only": mean["scatterbrain"] / mean["sparse_only"],
-                    "ratio_vs_lowrank_only": mean["scatterbrain"] / mean["lowrank_only"],
-                    "scatterbrain_best": mean["scatterbrain"]
-                    < min(mean["sparse_only"], mean["lowrank_only"]),
+                out = scatterbrain_attention(q, k, v, sparse=sparse, window=window, causal=s.causal, projection=proj,
+                                             hash_vectors=hv)  # fmt: skip
+                sb_err.append(relative_error(out, exact))
+            for kind, budget in budgets.items():
+                w2 = _largest_window(N, s.causal, sparse, D, budget, kind, window)
+                if kind == "flops":
+                    m2 = num_features
+                    while _performer_flops(N, D, m2 + 1, s.causal) <= budget:
+                        m2 += 1
+                else:
+                    m2 = max(num_features, int(budget // N))
+                sp_err, lr_err = [], []
+                for trial in range(trials):
+                    gen = torch.Generator().manual_seed(trial)
+                    hv = torch.randn(1, D + 2, generator=gen).to(q.device)
+                    proj2 = orthogonal_gaussian_projection(m2, D, generator=gen, device=q.device)
+                    sp = scatterbrain_attention(q, k, v, sparse=sparse, window=w2, causal=s.causal, mode="sparse",
+                                                hash_vectors=hv)  # fmt: skip
+                    sp_err.append(relative_error(sp, exact))
+                    lr_err.append(relative_error(performer_attention(q, k, v, proj2, causal=s.causal), exact))
+                mean = {
+                    "scatterbrain": sum(sb_err) / trials,
+                    "sparse_only": sum(sp_err) / trials,
+                    "lowrank_only": sum(lr_err) / trials,
                 }
-            )
+                rows.append(
+                    {
+                        "sample": s.name,
+                        "N": N,
+                        "causal": s.causal,
+                        "sparse": sparse,
+                        "budget": kind,
+                        "scatterbrain": {"num_features": num_features, "window": window, kind: budget},
+                        "sparse_only": {"window": w2},
+                        "lowrank_only": {"num_features": m2},
+                        "rel_error": mean,
+                        "ratio_vs_sparse_only": mean["scatterbrain"] / mean["sparse_only"],
+                        "ratio_vs_lowrank_only": mean["scatterbrain"] / mean["lowrank_only"],
+                        "scatterbrain_best": mean["scatterbrain"]
+                        < min(mean["sparse_only"], mean["lowrank_only"]),
+                    }
+                )
     return rows
 
 
@@ -809,7 +832,7 @@ def plot(result: dict, path: str | Path) -> Path | None:
     ax.set_xlabel("attention FLOPs / dense")
     ax.set_ylabel("relative output error vs exact")
     srcs = sorted({r["sample"] for r in rows})
-    ax.set_title(f"real attention ({len(srcs)} heads stacks, N={sorted({r['N'] for r in rows})})", fontsize=9)
+    ax.set_title(f"real attention ({len(srcs)} layers, N={sorted({r['N'] for r in rows})})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     if has_sweep:
@@ -818,9 +841,13 @@ def plot(result: dict, path: str | Path) -> Path | None:
         for r in result["sweep"]:
             if "ms" in r:
                 by.setdefault(r["method"], []).append((r["N"], r["ms"]))
-        for name, pts in sorted(by.items()):
+        cmap = plt.get_cmap("tab20")
+        for i, (name, pts) in enumerate(sorted(by.items())):
             pts.sort()
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            style = "-" if name.startswith(("dense", "sea", "xattention")) else "--"
+            ax2.plot(
+                [p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=cmap(i % 20), label=name
+            )
         ax2.set_xscale("log", base=2)
         ax2.set_yscale("log")
         ax2.set_xlabel("N")
@@ -848,6 +875,8 @@ def lm_samples(
     dim: int = 256,
     depth: int = 4,
     heads: int = 4,
+    batch: int = 16,
+    save_to: str | Path | None = None,
 ) -> tuple[list[AttentionSample], list[AttentionSample], dict]:
     """q/k/v of every layer of the byte LM on held-out text: (evaluation samples, SEA training samples, info)."""
     from zoo import checkpoints
@@ -862,8 +891,10 @@ def lm_samples(
         checkpoints.load_into(model, checkpoint)
         info["lm"]["checkpoint"] = str(checkpoint)
     else:
-        info["lm"]["training"] = train_lm(model, raw[:split], seconds=train_seconds, max_steps=100000, batch=16,
+        info["lm"]["training"] = train_lm(model, raw[:split], seconds=train_seconds, max_steps=100000, batch=batch,
                                           length=length, lr=1e-3, device=device)  # fmt: skip
+        if save_to is not None:
+            info["lm"]["weights"] = str(checkpoints.save(model.state_dict(), save_to))
     info["lm"]["val_perplexity"] = round(evaluate_perplexity(model, raw[split:], length, 16, 8, device), 4)
     model.eval()
     val = raw[split:]
@@ -912,7 +943,8 @@ def run(args) -> dict:
     if args.lm or not samples:
         evals, trains, info = lm_samples(checkpoint=args.lm_checkpoint, text=args.text, train_seconds=args.lm_seconds,
                                          length=args.length, windows=args.windows, device=device, dim=args.lm_dim,
-                                         depth=args.lm_depth, heads=args.lm_heads)  # fmt: skip
+                                         depth=args.lm_depth, heads=args.lm_heads, batch=args.lm_batch,
+                                         save_to=out_dir / f"{args.name}_lm.safetensors")  # fmt: skip
         samples += evals[: args.max_samples]
         sea_train += trains
         result.update(info)
@@ -925,13 +957,7 @@ def run(args) -> dict:
     )
     result["scatterbrain_equal_budget"] = equal_budget_scatterbrain(samples, device=device)
     result["evaluate_seconds"] = round(time.perf_counter() - t0, 1)
-    eb = result["scatterbrain_equal_budget"]
-    if eb:
-        result["summary"] = {
-            "scatterbrain_best_fraction": sum(r["scatterbrain_best"] for r in eb) / len(eb),
-            "median_ratio_vs_sparse_only": sorted(r["ratio_vs_sparse_only"] for r in eb)[len(eb) // 2],
-            "median_ratio_vs_lowrank_only": sorted(r["ratio_vs_lowrank_only"] for r in eb)[len(eb) // 2],
-        }
+    result["summary"] = _equal_budget_summary(result["scatterbrain_equal_budget"])
     if args.sweep:
         lengths = [n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= args.sweep_max_n]
         result["sweep"] = sweep(lengths, device=device, total_seconds=args.sweep_seconds, causal=True)
@@ -941,6 +967,21 @@ def run(args) -> dict:
     _print_table(result)
     print(f"wrote {json_path}" + (f" and {png}" if png else ""))
     return result
+
+
+def _equal_budget_summary(rows: list[dict]) -> dict:
+    """Per (budget, support): how often Scatterbrain beats both parts, and the median error ratios."""
+    out = {}
+    for key in sorted({(r["budget"], r["sparse"]) for r in rows}):
+        sel = [r for r in rows if (r["budget"], r["sparse"]) == key]
+        med = lambda xs: sorted(xs)[len(xs) // 2]
+        out[f"{key[0]}/{key[1]}"] = {
+            "samples": len(sel),
+            "scatterbrain_best_fraction": sum(r["scatterbrain_best"] for r in sel) / len(sel),
+            "median_ratio_vs_sparse_only": med([r["ratio_vs_sparse_only"] for r in sel]),
+            "median_ratio_vs_lowrank_only": med([r["ratio_vs_lowrank_only"] for r in sel]),
+        }
+    return out
 
 
 def _print_table(result: dict) -> None:
@@ -958,7 +999,7 @@ def _print_table(result: dict) -> None:
     for r in result.get("scatterbrain_equal_budget", []):
         e = r["rel_error"]
         print(
-            f"equal budget {r['sample']} {r['sparse']}: scatterbrain {e['scatterbrain']:.4f}  "
+            f"equal {r['budget']} {r['sample']} {r['sparse']}: scatterbrain {e['scatterbrain']:.4f}  "
             f"sparse-only {e['sparse_only']:.4f} (w={r['sparse_only']['window']})  "
             f"low-rank-only {e['lowrank_only']:.4f} (m={r['lowrank_only']['num_features']})"
         )

@@ -48,6 +48,7 @@ def add_approx_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-dim", type=int, default=256)
     p.add_argument("--lm-depth", type=int, default=4)
     p.add_argument("--lm-heads", type=int, default=4)
+    p.add_argument("--lm-batch", type=int, default=16, help="LM training batch (default: %(default)s)")
     p.add_argument(
         "--length",
         type=int,

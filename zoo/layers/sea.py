@@ -85,6 +85,15 @@ def compressed_column_of_key(n: int, width: int, causal: bool, device=None) -> T
     return col
 
 
+def _column_of_keys(lengths: Tensor, n: int, width: int) -> Tensor:
+    """(R, N) long: compressed column of key j for rows of the given lengths (exact integer form of
+    ``column_ranges``: the largest c with round(c len / T) <= j); keys j >= len get -1."""
+    j = torch.arange(n, device=lengths.device)[None, :]
+    two_len = 2 * lengths[:, None]
+    col = ((2 * j + 1) * width + two_len - 1) // two_len - 1
+    return torch.where(j < lengths[:, None], col, torch.full_like(col, -1))
+
+
 def sparse_attention_on_columns(
     q: Tensor,
     k: Tensor,
@@ -94,62 +103,69 @@ def sparse_attention_on_columns(
     causal: bool,
     scale: float | None = None,
     query_chunk: int | None = None,
+    path: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Exact attention of each query over the keys of its chosen compressed columns.
 
     q (B, H, N, d); k, v (B, Hkv, N, d); selected (B, H, N, T) bool. Returns the output
     (B, H, N, d) and the number of keys each query attended (B, H, N). Rows with no key give 0.
-    Cost O(N x kept keys x d): keys are gathered per query chunk, never as an N x N matrix.
+    Queries go in chunks, never as one N x N matrix. ``path``: ``"gather"`` collects each query's
+    kept keys (O(kept d) per query, best when kept d < N), ``"dense"`` scores the chunk against
+    all keys and masks (O(N) per query, best for short sequences and for training memory),
+    ``"auto"`` picks the cheaper.
     """
+    if path not in ("auto", "gather", "dense"):
+        raise ValueError(
+            f"sparse_attention_on_columns: path must be 'auto', 'gather' or 'dense', got {path!r}"
+        )
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
     T = selected.shape[-1]
     scale = D**-0.5 if scale is None else scale
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
     lengths = torch.arange(1, N + 1, device=q.device) if causal else torch.full((N,), N, device=q.device)
     start, end = column_ranges(lengths, T)  # (N, T)
-    width = int((end - start).max().item()) if N > 0 else 0
-    count = selected.sum(-1)  # (B, H, N)
-    cmax = int(count.max().item()) if count.numel() else 0
-    out = torch.zeros(
-        B, H, N, v.shape[-1], dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device
-    )
-    kept = torch.zeros(B, H, N, dtype=torch.long, device=q.device)
-    if cmax == 0 or width == 0:
+    kept = (selected * (end - start)).sum(-1)  # (B, H, N)
+    kmax = int(kept.max().item()) if kept.numel() else 0
+    out = torch.zeros(B, H, N, v.shape[-1], dtype=work, device=q.device)
+    if kmax == 0:
         return out.to(q.dtype), kept
-    order = torch.sort(selected.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :cmax]
-    col_ok = torch.arange(cmax, device=q.device) < count.unsqueeze(-1)  # (B, H, N, cmax)
-    work = out.dtype
+    per_query = max(N, kmax * (D + v.shape[-1])) if path != "dense" else N
+    chunk = query_chunk or max(1, min(N, (1 << 25) // max(B * H * per_query, 1)))
     qg = q.to(work).reshape(B, Hkv, G, N, D)
-    kg, vg = k.to(work).unsqueeze(2), v.to(work).unsqueeze(2)
-    per_query = cmax * width
-    chunk = query_chunk or max(1, min(N, (1 << 23) // max(per_query * G * max(D, 1), 1)))
-    offsets = torch.arange(width, device=q.device)
+    kg, vg = k.to(work).unsqueeze(2), v.to(work).unsqueeze(2)  # (B, Hkv, 1, N, d)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        cols = order[:, :, s:e]  # (B, H, c, cmax)
-        rows = torch.arange(s, e, device=q.device)
-        st = torch.gather(start[rows].expand(B, H, -1, -1), -1, cols)
-        en = torch.gather(end[rows].expand(B, H, -1, -1), -1, cols)
-        keys = st.unsqueeze(-1) + offsets  # (B, H, c, cmax, width)
-        ok = (keys < en.unsqueeze(-1)) & col_ok[:, :, s:e].unsqueeze(-1)
-        keys = torch.where(ok, keys, torch.zeros_like(keys)).flatten(-2)  # (B, H, c, P)
-        ok = ok.flatten(-2)
-        kept[:, :, s:e] = ok.sum(-1)
-        idx = keys.view(B, Hkv, G, -1)
-        kb = torch.gather(kg.expand(-1, -1, G, -1, -1), -2, idx.unsqueeze(-1).expand(*idx.shape, D))
-        vb = torch.gather(
-            vg.expand(-1, -1, G, -1, -1), -2, idx.unsqueeze(-1).expand(*idx.shape, vg.shape[-1])
-        )
-        kb = kb.view(B, Hkv, G, e - s, per_query, D)
-        vb = vb.view(B, Hkv, G, e - s, per_query, vg.shape[-1])
-        logits = scale * (qg[:, :, :, s:e].unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2)
-        logits = logits.masked_fill(~ok.view(B, Hkv, G, e - s, per_query), float("-inf"))
+        col = _column_of_keys(lengths[s:e], N, T)  # (c, N)
+        keep = torch.gather(selected[:, :, s:e], -1, col.clamp_min(0).expand(B, H, -1, -1)) & (col >= 0)
+        keep = keep.view(B, Hkv, G, e - s, N)
+        width = int(kept[:, :, s:e].max().item())
+        if width == 0:
+            continue
+        # gathering reads 2 d floats per kept key; scoring all keys reads N scores and K, V once per chunk
+        use_gather = path == "gather" or (path == "auto" and 2 * width * D < N * (1 + 2 * D / (e - s)))
+        if use_gather:
+            idx = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
+            ok = torch.gather(keep, -1, idx)
+            flat = idx.flatten(-2)
+            kb = torch.gather(kg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, D))
+            vb = torch.gather(
+                vg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, vg.shape[-1])
+            )
+            kb = kb.view(B, Hkv, G, e - s, width, D)
+            vb = vb.view(B, Hkv, G, e - s, width, -1)
+            logits = scale * (qg[:, :, :, s:e].unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2)
+        else:
+            ok = keep
+            logits = scale * (qg[:, :, :, s:e] @ kg.transpose(-1, -2))
+        logits = logits.masked_fill(~ok, float("-inf"))
         top = logits.amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         w = torch.exp(logits - top)
         w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        out[:, :, s:e] = (w.unsqueeze(-2) @ vb).squeeze(-2).reshape(B, H, e - s, -1)
+        res = (w.unsqueeze(-2) @ vb).squeeze(-2) if use_gather else w @ vg
+        out[:, :, s:e] = res.reshape(B, H, e - s, -1)
     return out.to(q.dtype), kept
 
 
@@ -209,7 +225,7 @@ class _CompressedAttentionCNN(nn.Module):
         residual = x.view(B, self.heads, 2, N, W).mean(2).repeat_interleave(4, -1)
         y = F.relu(self.conv1(self._pad(x)))
         y = F.relu(self.conv2(self._pad(y)))
-        y = self.conv_out(y.repeat_interleave(4, -1))
+        y = self.conv_out(y).repeat_interleave(4, -1)  # a 1x1 convolution commutes with the upsampling
         return self.norm_out(y + residual)
 
 

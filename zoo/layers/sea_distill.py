@@ -204,10 +204,12 @@ def evaluate_perplexity(
     return math.exp(total / count)
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
+def _lr(step: int, total: int, peak: float, warmup: int = 50, progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay over max(step / total, progress) (progress: share of the time budget)."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    done = max((step - warmup) / max(1, total - warmup), progress)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def train_lm(
@@ -230,7 +232,7 @@ def train_lm(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else _null()
     while step < max_steps and time.perf_counter() - start < seconds:
         for g in opt.param_groups:
-            g["lr"] = _lr(step, max_steps, lr)
+            g["lr"] = _lr(step, max_steps, lr, progress=(time.perf_counter() - start) / seconds)
         tokens = byte_batches(data, batch, length, gen).to(device)
         with autocast:
             logits = model(tokens[:, :-1])
@@ -339,39 +341,53 @@ def attention_memory_elements(n: int, heads: int, compressed_len: int, kept_per_
     return {"dense": dense, "sea": sea, "ratio": sea / dense}
 
 
-def measure_attention_peak_memory(teacher: ByteLM, student: ByteLM, n: int, batch: int, device) -> dict:
-    """Peak CUDA bytes of one attention layer forward (no grad): eager dense, SDPA, SEA."""
+def measure_attention_peak_memory(
+    config: LMConfig, lengths: list[int], *, k: int, compressed_len: int, batch: int, device
+) -> list[dict]:
+    """Peak CUDA bytes of one attention layer forward (no grad) per length: eager dense (the N x N
+    probabilities materialised, as the SEA paper's baseline), SDPA (flash), and SEA (fresh layers:
+    memory depends on shapes and the budget, not on the weights)."""
     if not str(device).startswith("cuda"):
-        return {}
-    cfg = teacher.config
-    x = torch.randn(batch, n, cfg.dim, device=device)
-    dense_layer, sea_layer = teacher.blocks[0].attn, student.blocks[0].attn
-    H, hd = cfg.num_heads, cfg.dim // cfg.num_heads
+        return []
+    H, hd, dim = config.num_heads, config.dim // config.num_heads, config.dim
+    dense = DenseCausalAttention(dim, H, config.num_kv_heads).to(device).eval()
+    rows = []
+    for n in lengths:
+        sea = SEAAttention(dim, H, config.num_kv_heads, causal=True, k=k, compressed_len=compressed_len,
+                           max_len=n, output_norm=False).to(device).eval()  # fmt: skip
+        x = torch.randn(batch, n, dim, device=device)
 
-    def eager(h):
-        B, N, C = h.shape
-        q = dense_layer.q_proj(h).view(B, N, H, hd).transpose(1, 2)
-        k, v = dense_layer.kv_proj(h).view(B, N, 2, dense_layer.num_kv_heads, hd).permute(2, 0, 3, 1, 4)
-        G = H // dense_layer.num_kv_heads
-        s = (q @ k.repeat_interleave(G, 1).transpose(-1, -2)) * hd**-0.5
-        s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=h.device).triu(1), float("-inf"))
-        return dense_layer.proj(
-            (torch.softmax(s, -1) @ v.repeat_interleave(G, 1)).transpose(1, 2).reshape(B, N, C)
-        )
+        def eager(h):
+            B, N, C = h.shape
+            q = dense.q_proj(h).view(B, N, H, hd).transpose(1, 2)
+            kk, v = dense.kv_proj(h).view(B, N, 2, dense.num_kv_heads, hd).permute(2, 0, 3, 1, 4)
+            G = H // dense.num_kv_heads
+            s = (q @ kk.repeat_interleave(G, 1).transpose(-1, -2)) * hd**-0.5
+            s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=h.device).triu(1), float("-inf"))
+            ctx = torch.softmax(s, -1) @ v.repeat_interleave(G, 1)
+            return dense.proj(ctx.transpose(1, 2).reshape(B, N, C))
 
-    out = {}
-    for name, fn in (("teacher_eager", eager), ("teacher_sdpa", dense_layer), ("student_sea", sea_layer)):
-        with torch.no_grad():
-            fn(x)  # warm up
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn(x)
-            torch.cuda.synchronize()
-            out[name] = torch.cuda.max_memory_allocated() - base
-    out["ratio_sea_vs_eager"] = out["student_sea"] / max(out["teacher_eager"], 1)
-    out["ratio_sea_vs_sdpa"] = out["student_sea"] / max(out["teacher_sdpa"], 1)
-    return out
+        row = {"N": n, "batch": batch}
+        for name, fn in (("teacher_eager", eager), ("teacher_sdpa", dense), ("student_sea", sea)):
+            try:
+                with torch.no_grad():
+                    fn(x)  # warm up
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    fn(x)
+                    torch.cuda.synchronize()
+                    row[name] = torch.cuda.max_memory_allocated() - base
+            except torch.OutOfMemoryError:
+                row[name] = None
+            torch.cuda.empty_cache()
+        if row.get("teacher_eager") and row.get("student_sea"):
+            row["ratio_sea_vs_eager"] = round(row["student_sea"] / row["teacher_eager"], 4)
+        if row.get("teacher_sdpa") and row.get("student_sea"):
+            row["ratio_sea_vs_sdpa"] = round(row["student_sea"] / row["teacher_sdpa"], 4)
+        rows.append(row)
+        del sea, x
+    return rows
 
 
 # ----------------------------------------------------------------------------- the command
@@ -407,6 +423,8 @@ def run_distillation(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    if str(device).startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 student
     raw = torch.frombuffer(bytearray(load_text_corpus(text)), dtype=torch.uint8)
     split = int(0.95 * raw.numel())
     train_data, val_data = raw[:split], raw[split:]
@@ -446,8 +464,9 @@ def run_distillation(
     student.train()
     start, step, parts = time.perf_counter(), 0, {}
     while step < cfg.student_steps and time.perf_counter() - start < cfg.student_seconds:
+        elapsed = (time.perf_counter() - start) / cfg.student_seconds
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.student_steps, cfg.student_lr, warmup=20)
+            g["lr"] = _lr(step, cfg.student_steps, cfg.student_lr, warmup=20, progress=elapsed)
         tokens = byte_batches(train_data, cfg.student_batch, cfg.length, gen).to(device)
         loss, parts = distill_step_losses(student, teacher, tokens)
         opt.zero_grad(set_to_none=True)
@@ -476,7 +495,14 @@ def run_distillation(
             },
             "attention_memory_elements_per_layer": mem,
             "mean_kept_keys_per_query": round(kept, 2),
-            "attention_peak_bytes": measure_attention_peak_memory(teacher, student, cfg.length, 4, device),
+            "attention_peak_bytes": measure_attention_peak_memory(
+                cfg.lm,
+                [cfg.length * f for f in (1, 2, 4, 8)],
+                k=cfg.k,
+                compressed_len=cfg.compressed_len,
+                batch=4,
+                device=device,
+            ),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "torch": torch.__version__,
         }
