@@ -112,10 +112,16 @@ def _text_tokens(args: argparse.Namespace, tokenizer) -> list[int]:
         path = Path(args.text)
         if not path.is_file():
             raise FileNotFoundError(f"--text: no such file {path}")
-        return encode_text(tokenizer, path.read_text(errors="replace")).astype("int64").tolist()
-    if args.data:
-        return load_token_file(Path(args.data) / "val.bin").astype("int64").tolist()
-    raise ValueError("--text/--data: expected a text file or the token folder of `zoo train lm-data`")
+        tokens = encode_text(tokenizer, path.read_text(errors="replace"))
+    elif args.data:
+        tokens = load_token_file(Path(args.data) / "val.bin")
+    else:
+        raise ValueError("--text/--data: expected a text file or the token folder of `zoo train lm-data`")
+    if not 0 <= args.offset < len(tokens):
+        raise ValueError(
+            f"--offset: expected a position inside the {len(tokens)} tokens of the text, got {args.offset}"
+        )
+    return tokens[args.offset :].astype("int64").tolist()
 
 
 def _methods(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -252,6 +258,9 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", help="a UTF-8 text file instead of --data")
     p.add_argument(
         "--seq-len", type=int, default=8192, help="tokens per evaluated sequence (default: %(default)s)"
+    )
+    p.add_argument(
+        "--offset", type=int, default=0, help="first token of the text to use (default: %(default)s)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="model dtype on CUDA")
