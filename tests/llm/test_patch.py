@@ -127,3 +127,29 @@ def test_bad_arguments_raise_clear_errors(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="no attention layers"):
         sparse_prefill(torch.nn.Linear(2, 2), "xattention")
     assert tiny_llama.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_decoder_families_patch_the_same_way(family, ids):
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, sliding_window=None, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    calls = []
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with sparse_prefill(
+            model,
+            "pbs",
+            block_size=16,
+            segment_size=32,
+            threshold=1.0,
+            recorder=lambda *a: calls.append(a[0]),
+        ):
+            sparse = model(input_ids=ids).logits
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=2e-5)
+    assert calls == [0, 1]
