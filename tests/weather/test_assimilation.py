@@ -8,6 +8,7 @@ import torch
 import xarray as xr
 
 import zoo
+import zoo.weather
 from zoo.weather.api import AdasAssimilator, assimilate, cycle
 from zoo.weather.grid import Normalisation, StateLayout
 from zoo.weather.observations import (
@@ -341,4 +342,52 @@ def test_commands_end_to_end(tmp_path, capsys):
             ]
         )
         == 0
+    )
+
+
+def test_era5_members_real_data_error_reduction(tmp_path, monkeypatch):
+    from zoo.weather import era5, osse
+
+    cached = osse.cache_dir() / era5.SAMPLE_NAME
+    if not cached.is_file():
+        try:
+            era5.fetch_era5_sample()
+        except FileNotFoundError as err:
+            pytest.skip(f"cfgrib source distribution not reachable: {err}")
+    ds = era5.era5_members()
+    assert ds.sizes["member"] == 10 and list(ds.level.values) == [850, 500] and ds.latitude.values[0] == 90.0
+    result = era5.era5_real_data_check(fraction=0.1)
+    for name, r in result["rmse"].items():
+        assert r["ratio"] < 0.97, name
+    analysis = result["analysis"]
+    assert analysis.latitude.values[0] == 90.0  # the caller's (descending) order is kept
+    assert analysis.geopotential.attrs["units"] == "m**2 s**-2"
+
+
+def test_osse_sample_is_a_ready_case(tmp_path):
+    from zoo.weather import osse
+
+    case = osse.sample(
+        obs_fraction=0.1, seed=1, time_index=4, grid=(16, 32), directory=tmp_path, days=2.0, spinup_days=2.0
+    )
+    truth, bg, obs = case["truth"], case["background"], case["observations"]
+    assert set(case) >= {"truth", "background", "observations"}
+    assert bg.time.values[0] == truth.time.values[0] and "persistence" in bg.attrs["background_source"]
+    observed = np.isfinite(obs.geopotential.values)
+    assert 0.05 < observed.mean() < 0.15
+    # observations are the truth plus errors of the stated size
+    diff = (obs.geopotential.values - truth.geopotential.values)[observed]
+    assert 5.0 < diff.std() < 40.0
+    layout = case["layout"]
+    oi = OptimalInterpolation(
+        layout,
+        {"geopotential": 300.0, "u_component_of_wind": 3.0, "v_component_of_wind": 3.0},
+        osse.OBSERVATION_ERROR_STD,
+        1000.0,
+    )
+    analysis = zoo.weather.assimilate(bg, obs, model=oi)
+    from zoo.weather import metrics
+
+    assert float(metrics.rmse(analysis, truth).geopotential.squeeze()) < float(
+        metrics.rmse(bg, truth).geopotential.squeeze()
     )

@@ -161,6 +161,32 @@ for _name, (_cfg, _desc) in _FORECASTER_VARIANTS.items():
         description=_desc,
     )(_build_forecaster)
 
+
+def _register_shipped(directory: Any = None) -> None:
+    """Register ``zoo/weights/<arch>.<tag>.json`` manifests written by ``zoo.weather.shipping``."""
+    import json
+    from pathlib import Path
+
+    from zoo.registry import PretrainedTag, register_pretrained, weights_dir
+
+    for manifest in sorted(Path(directory or weights_dir()).glob("*.osse.json")):
+        meta = json.loads(manifest.read_text())
+        config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("config", {}).items()}
+        tag = PretrainedTag(
+            tag=meta["tag"],
+            file=meta["file"],
+            sha256=meta["sha256"],
+            dataset=meta["dataset"],
+            metrics=meta.get("metrics", {}),
+            config=config,
+            command=meta.get("command", ""),
+            extra=meta.get("extra", {}),
+        )
+        register_pretrained(meta["arch"], tag)
+
+
+_register_shipped()
+
 _EXPORTS = {
     "assimilate": "api",
     "cycle": "api",

@@ -107,6 +107,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_era5(args: argparse.Namespace) -> int:
+    from zoo.weather.era5 import era5_real_data_check
+
+    result = era5_real_data_check(fraction=args.fraction, length_scale_km=args.length_scale, seed=args.seed)
+    result.pop("analysis")
+    print(json.dumps(result, indent=1))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_assimilate(args: argparse.Namespace) -> int:
     import xarray as xr
 
@@ -200,6 +213,15 @@ def register(top: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--cycles", type=int, default=240, help="cycles of the held-out year (1460 = a year)")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = groups["eval"].add_parser(
+        "era5", help="real data: assimilate one ERA5 ensemble member into another (OI)"
+    )
+    p.add_argument("--fraction", type=float, default=0.25, help="fraction of grid values observed")
+    p.add_argument("--length-scale", type=float, default=250.0, help="OI correlation length (km)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.set_defaults(func=cmd_era5)
 
 
 def demo(args: argparse.Namespace) -> None:
