@@ -368,13 +368,23 @@ def demo(args: argparse.Namespace) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
     ).eval()
-    ids = torch.randint(3, 512, (1, 256))
+    ids = torch.randint(3, 512, (1, 512))
+    densities = []
     with torch.no_grad():
         dense = model(input_ids=ids).logits
-        with sparse_prefill(model, "xattention", block_size=64, stride=8, threshold=0.9):
+        with sparse_prefill(
+            model,
+            "xattention",
+            block_size=64,
+            stride=8,
+            threshold=0.5,
+            recorder=lambda *a: densities.append(a[4].density(True)),
+        ):
             sparse = model(input_ids=ids).logits
-            tokens = model.generate(ids[:, :64], max_new_tokens=4, do_sample=False)
+            tokens = model.generate(ids[:, :128], max_new_tokens=4, do_sample=False)
     err = float((sparse - dense).abs().max())
+    density = sum(densities) / len(densities)
     print(
-        f"tiny random Llama (GQA 4/2), 256 tokens: XAttention prefill max |logit diff| {err:.3g}; generated {tokens[0, -4:].tolist()}"
+        f"tiny random Llama (GQA 4/2), 512 tokens: XAttention (tau 0.5) prefill density {density:.2f}, "
+        f"max |logit diff| vs dense {err:.3g}; generated {tokens[0, -4:].tolist()}"
     )
