@@ -134,6 +134,14 @@ def measure(
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"ms": None, "peak_mb": None, "error": "out of memory"}
+    except Exception as err:  # one failing variant must not end the whole run
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {
+            "ms": None,
+            "peak_mb": None,
+            "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+        }
 
 
 def _layer(

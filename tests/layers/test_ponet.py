@@ -80,6 +80,8 @@ CASES = {
         special_mask=sentence_batch(B, N)[1],
     ),
     "equal_chunks": lambda B, N: dict(padding_mask=sentence_batch(B, N)[0], segment_size=4),
+    "one_exact_chunk": lambda B, N: dict(padding_mask=sentence_batch(B, N)[0], segment_size=N),
+    "chunk_longer_than_sequence": lambda B, N: dict(segment_size=2 * N),
     "non_contiguous_ids": lambda B, N: dict(
         padding_mask=sentence_batch(B, N)[0], segment_ids=torch.randint(0, 3, (B, N))
     ),

@@ -152,3 +152,56 @@ def test_training_errors_are_user_errors(tmp_path, capsys):
         + ["--workers", "0", "--task-option", *[f"{k}={v}" for k, v in TASK.items()]]
     )
     assert code == 2 and "batch_size: 1000 is larger than the training split" in capsys.readouterr().err
+
+
+def test_tag_manifest_registers_shipped_weights(tmp_path, monkeypatch, capsys):
+    import zoo.text
+    from zoo import registry
+
+    options = ["--task-option", *[f"{k}={v}" for k, v in TASK.items()]]
+    options += ["--model-option", *[f"{k}={v}" for k, v in MODEL.items()]]
+    common = ["--steps", "3", "--batch-size", "8", "--eval-every", "3", "--workers", "0", "--device", "cpu"]
+    assert (
+        main(
+            ["train", "text", "--task", "listops", "--tag", "tiny", "--out", str(tmp_path), *common, *options]
+        )
+        == 0
+    )
+    monkeypatch.setattr(registry, "weights_dir", lambda: tmp_path)
+    monkeypatch.setattr(zoo.text, "weights_dir", lambda: tmp_path)
+    entry = registry.get_entry("ponet_lra_listops")[0]
+    try:
+        zoo.text._register_shipped_weights()
+        assert "ponet_lra_listops.tiny" in zoo.list_models("ponet_lra*", pretrained=True)
+        model = zoo.create("ponet_lra_listops.tiny", pretrained=True)
+        best = load_file(str(tmp_path / "listops_ponet" / "best.safetensors"))
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in best.items())
+        assert model.zoo_config["max_position_embeddings"] == 64  # the tag's config came with it
+        capsys.readouterr()
+        assert (
+            main(["eval", "text", "--model", "ponet_lra_listops.tiny", "--device", "cpu", *options[:7]]) == 0
+        )
+        assert "ponet_lra_listops.tiny on listops/test" in capsys.readouterr().out
+    finally:
+        entry.tags.pop("tiny", None)
+
+
+def test_standalone_text_commands_entry_point(tmp_path, capsys):
+    from zoo.text import commands
+
+    with pytest.raises(SystemExit) as exc:
+        commands.main(["train", "text", "--help"])
+    assert exc.value.code == 0 and "--mixer" in capsys.readouterr().out
+    args = ["train", "text", "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--workers", "0"]
+    args += [
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--task-option",
+        *[f"{k}={v}" for k, v in TASK.items()],
+    ]
+    assert commands.main(args) == 0
+    assert json.loads((tmp_path / "listops_ponet" / "results.json").read_text())["steps"] == 2
+    assert commands.main(["eval", "text", "--model", "no_such_model"]) == 2
+    assert "unknown model" in capsys.readouterr().err

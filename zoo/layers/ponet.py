@@ -261,11 +261,14 @@ def _segment_max(
         segment_size = max(N, 1)
     x = segment if real is None else segment.masked_fill(~real[..., None], _NEG_INF)
     if segment_size is not None:
-        num_chunks = -(-N // segment_size)
-        extra = num_chunks * segment_size - N
-        if extra:
-            x = F.pad(x, (0, 0, 0, extra), value=_NEG_INF)
-        chunk_max = x.view(B, num_chunks, segment_size, C).amax(dim=2)
+        full, rest = divmod(N, segment_size)
+        parts = []
+        if full:
+            parts.append(x[:, : full * segment_size].view(B, full, segment_size, C).amax(dim=2))
+        if rest:  # the last, shorter chunk: reduced apart instead of padding a copy of x
+            parts.append(x[:, full * segment_size :].amax(dim=1, keepdim=True))
+        chunk_max = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        num_chunks = chunk_max.shape[1]
         out = chunk_max[:, :, None, :].expand(B, num_chunks, segment_size, C).reshape(B, -1, C)
         return out[:, :N]
     ids = segment_ids.expand(B, N) if segment_ids.dim() == 1 else segment_ids
@@ -353,7 +356,7 @@ def ponet_mixing(
     if drop is not None:
         seg = seg.masked_fill(drop[..., None], 0.0)
         loc = loc.masked_fill(drop[..., None], 0.0)
-    out = (g[:, None, :] + seg) * o + loc
+    out = torch.addcmul(loc, g[:, None, :] + seg, o)  # (g + S) * O + L
     if real is not None:
         out = out.masked_fill(~real[..., None], 0.0)
     return out

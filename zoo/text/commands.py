@@ -232,3 +232,34 @@ def demo(args: argparse.Namespace) -> None:
         f"sentence-structure logits {tuple(out.seq_relationship_logits.shape)}; first predicted pieces: "
         + " ".join(tokenizer.id_to_token(int(t)) for t in top[:6])
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m zoo.text.commands train text ...``: the text commands alone (same syntax as ``zoo``),
+    without importing the other families' command modules."""
+    from zoo.cli import GROUPS, _Parser
+    from zoo.progress import set_quiet
+
+    parser = _Parser(prog="python -m zoo.text.commands")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    groups = {
+        g: top.add_parser(g, help=text).add_subparsers(dest="subcommand", parser_class=_Parser)
+        for g, text in GROUPS.items()
+    }
+    register(top, groups)
+    args = parser.parse_args(argv)
+    if args.quiet:
+        set_quiet(True)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        sys.stderr.write(f"{parser.prog}: error: {err}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,7 @@ Weights come from a shipped tag (``--model ponet_lra_listops.TAG``, loaded with
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def evaluate_model(
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     loader = DataLoader(
-        dataset, batch_size=batch_size, collate_fn=lambda items: collate(items, lra.max_length)
+        dataset, batch_size=batch_size, collate_fn=functools.partial(collate, max_length=lra.max_length)
     )
     metrics = evaluate(net, loader, dev, lra.pair, amp, desc=f"{task}/{split}")
     result = {

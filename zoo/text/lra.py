@@ -459,9 +459,6 @@ class _KJVPassages:
         self.run_book = np.array(run_book)
         self.run_bytes = np.array([sum(len(t) + 1 for t in r) for r in runs], dtype=np.float64)
 
-    def runs_where(self, keep: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(keep)
-
     def pick_run(self, rng: np.random.Generator, candidates: np.ndarray) -> int:
         weights = self.run_bytes[candidates]
         return int(candidates[rng.choice(len(candidates), p=weights / weights.sum())])
@@ -482,10 +479,11 @@ class _KJVPassages:
 
 
 class _LazySamples(Dataset):
-    """Examples made on demand from ``(seed, split, index)``: deterministic, no storage."""
+    """Examples made on demand by ``sample(rng)`` with ``rng`` seeded by ``(seed, split, index)``:
+    deterministic, nothing stored, picklable for data-loader workers."""
 
-    def __init__(self, make, size: int, seed: int, split: str):
-        self.make, self.size, self.seed, self.split_code = make, size, seed, SPLITS.index(split)
+    def __init__(self, sample, size: int, seed: int, split: str):
+        self.sample, self.size, self.seed, self.split_code = sample, size, seed, SPLITS.index(split)
 
     def __len__(self) -> int:
         return self.size
@@ -493,7 +491,41 @@ class _LazySamples(Dataset):
     def __getitem__(self, i: int):
         if not 0 <= i < self.size:
             raise IndexError(i)
-        return self.make(np.random.default_rng((self.seed, self.split_code, i)))
+        return self.sample(np.random.default_rng((self.seed, self.split_code, i)))
+
+
+class _DivisionSampler:
+    """A passage of a uniformly drawn division."""
+
+    def __init__(self, passages: _KJVPassages, num_classes: int, min_bytes: int, max_bytes: int):
+        self.passages, self.num_classes = passages, num_classes
+        self.min_bytes, self.max_bytes = min_bytes, max_bytes
+        self.division = np.array([kjv_division_of_book(b) for b in passages.run_book])
+
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        label = int(rng.integers(self.num_classes))
+        run = self.passages.pick_run(rng, np.flatnonzero(self.division == label))
+        return self.passages.window(rng, run, self.min_bytes, self.max_bytes), label
+
+
+class _SameBookSampler(_DivisionSampler):
+    """Two passages: same book (different chapter runs) or two books of one division, half and half."""
+
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+        books = self.passages.run_book
+        runs = np.arange(len(books))
+        label = int(rng.integers(2))
+        if label:
+            runs_per_book = np.bincount(books, minlength=len(KJV_BOOKS))
+            first = self.passages.pick_run(rng, np.flatnonzero(runs_per_book[books] >= 2))
+            second = self.passages.pick_run(rng, np.flatnonzero((books == books[first]) & (runs != first)))
+        else:
+            first = self.passages.pick_run(rng, runs)
+            same_division = self.division == self.division[first]
+            second = self.passages.pick_run(rng, np.flatnonzero(same_division & (books != books[first])))
+        a = self.passages.window(rng, first, self.min_bytes, self.max_bytes)
+        b = self.passages.window(rng, second, self.min_bytes, self.max_bytes)
+        return a, b, label
 
 
 class KJVDivisions(LRATask):
@@ -543,15 +575,8 @@ class KJVDivisions(LRATask):
 
     def split(self, split: str) -> Dataset:
         self._check_split(split)
-        passages = self.passages(split)
-        division = np.array([kjv_division_of_book(b) for b in passages.run_book])
-
-        def make(rng: np.random.Generator) -> tuple[np.ndarray, int]:
-            label = int(rng.integers(self.num_classes))
-            run = passages.pick_run(rng, np.flatnonzero(division == label))
-            return passages.window(rng, run, self.min_bytes, self.max_bytes), label
-
-        return _LazySamples(make, self.sizes[split], self.seed, split)
+        sampler = _DivisionSampler(self.passages(split), self.num_classes, self.min_bytes, self.max_bytes)
+        return _LazySamples(sampler, self.sizes[split], self.seed, split)
 
 
 class KJVSameBook(KJVDivisions):
@@ -572,29 +597,8 @@ class KJVSameBook(KJVDivisions):
 
     def split(self, split: str) -> Dataset:
         self._check_split(split)
-        passages = self.passages(split)
-        books = passages.run_book
-        runs_per_book = np.bincount(books, minlength=len(KJV_BOOKS))
-        division = np.array([kjv_division_of_book(b) for b in books])
-        multi_run = np.flatnonzero(runs_per_book[books] >= 2)
-
-        def make(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-            label = int(rng.integers(2))
-            if label:
-                first = passages.pick_run(rng, multi_run)
-                second = passages.pick_run(
-                    rng, np.flatnonzero((books == books[first]) & (np.arange(len(books)) != first))
-                )
-            else:
-                first = passages.pick_run(rng, np.arange(len(books)))
-                second = passages.pick_run(
-                    rng, np.flatnonzero((division == division[first]) & (books != books[first]))
-                )
-            a = passages.window(rng, first, self.min_bytes, self.max_bytes)
-            b = passages.window(rng, second, self.min_bytes, self.max_bytes)
-            return a, b, label
-
-        return _LazySamples(make, self.sizes[split], self.seed, split)
+        sampler = _SameBookSampler(self.passages(split), len(KJV_DIVISIONS), self.min_bytes, self.max_bytes)
+        return _LazySamples(sampler, self.sizes[split], self.seed, split)
 
 
 TASKS: dict[str, type[LRATask]] = {

@@ -21,6 +21,7 @@ be copied into ``zoo/weights``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -202,6 +203,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     arch = cfg.model or task.model
     run_dir = Path(cfg.out) / f"{cfg.task}_{cfg.mixer}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    # data first: ListOps generation forks worker processes, best before CUDA is initialised
+    train_set, val_set, test_set = (task.split(s) for s in ("train", "val", "test"))
     torch.manual_seed(cfg.seed)
     model_options = dict(cfg.model_options)
     model_options.setdefault("mixer", cfg.mixer)
@@ -216,13 +219,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"model {arch}: vocab_size {model_cfg['vocab_size']} < task vocabulary {task.vocab_size}"
         )
 
-    train_set, val_set, test_set = (task.split(s) for s in ("train", "val", "test"))
     if len(train_set) < cfg.batch_size:
         raise ValueError(f"batch_size: {cfg.batch_size} is larger than the training split ({len(train_set)})")
 
     def loader(dataset, batch_sampler=None, shuffle=False):
         kwargs: dict[str, Any] = dict(
-            collate_fn=lambda items: collate(items, task.max_length),
+            collate_fn=functools.partial(collate, max_length=task.max_length),
             num_workers=cfg.num_workers,
             pin_memory=device.type == "cuda",
         )
