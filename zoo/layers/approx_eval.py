@@ -229,7 +229,7 @@ class Method:
     extra: dict = field(default_factory=dict)
 
 
-def _scatterbrain_methods(n, d, causal, sample_q, sample_k) -> list[Method]:
+def _scatterbrain_methods(n, d, causal) -> list[Method]:
     from zoo.layers.scatterbrain import scatterbrain_attention
 
     out = []
@@ -406,7 +406,7 @@ def _block_sparse_methods(n, d, causal) -> list[Method]:
 def method_suite(n: int, d: int, causal: bool, families: Iterable[str] | None = None) -> list[Method]:
     """Every configured method for sequences of length n and head dim d (SEA is added by ``evaluate``)."""
     methods = (
-        _scatterbrain_methods(n, d, causal, None, None)
+        _scatterbrain_methods(n, d, causal)
         + _parts_methods(n, d, causal)
         + _combiner_methods(n, d, causal)
         + _spt_methods(n, d, causal)
@@ -552,8 +552,10 @@ def evaluate(
             start = time.perf_counter()
             try:
                 out = m.run(q.float(), k.float(), v.float())
-            except (RuntimeError, ValueError) as err:  # a method that cannot run at this shape
+            except Exception as err:  # a method that cannot run here is recorded, the others go on
                 log.warning("%s on %s: %s", m.name, s.name, err)
+                rows.append({"sample": s.name, "N": N, "method": m.name, "family": m.family,
+                             "failed": f"{type(err).__name__}: {str(err)[:200]}"})  # fmt: skip
                 continue
             score_frac, flops_frac = _finish_budget(m, N, D, s.causal, m.run)
             rows.append(
@@ -777,8 +779,8 @@ def sweep(
             except torch.OutOfMemoryError:
                 row["skipped"] = "out of memory"
                 dead.add(name)
-            except (RuntimeError, ValueError) as err:
-                row["skipped"] = f"{type(err).__name__}: {str(err)[:120]}"
+            except Exception as err:  # recorded; the sweep goes on with the other methods
+                row["skipped"] = f"{type(err).__name__}: {str(err)[:200]}"
                 dead.add(name)
             if cuda:
                 torch.cuda.empty_cache()
@@ -816,7 +818,7 @@ def plot(result: dict, path: str | Path) -> Path | None:
     except ImportError:
         log.warning("matplotlib is not installed: no plot (rerun with --plot-only on a machine that has it)")
         return None
-    rows = result.get("rows", [])
+    rows = [r for r in result.get("rows", []) if "rel_error" in r]
     has_sweep = any("ms" in r for r in result.get("sweep", []))
     fig, axes = plt.subplots(1, 2 if has_sweep else 1, figsize=(13 if has_sweep else 7, 5), squeeze=False)
     ax = axes[0, 0]
@@ -886,7 +888,13 @@ def lm_samples(
     split = int(0.95 * raw.numel())
     cfg = LMConfig(dim=dim, depth=depth, num_heads=heads, max_len=max(length, 16))
     model = ByteLM(cfg).to(device)
-    info: dict = {"lm": {"dim": dim, "depth": depth, "heads": heads, "length": length}}
+    info: dict = {
+        "lm": {"dim": dim, "depth": depth, "heads": heads, "length": length},
+        "text": {
+            "path": str(text) if text else "default (KJV via bible-kjv-text, cached)",
+            "bytes": int(raw.numel()),
+        },
+    }
     if checkpoint:
         checkpoints.load_into(model, checkpoint)
         info["lm"]["checkpoint"] = str(checkpoint)
@@ -987,6 +995,9 @@ def _equal_budget_summary(rows: list[dict]) -> dict:
 def _print_table(result: dict) -> None:
     best: dict[str, dict] = {}
     for r in result.get("rows", []):
+        if "rel_error" not in r:
+            print(f"{r['method']:34s} failed: {r['failed']}")
+            continue
         key = r["method"]
         agg = best.setdefault(key, {"family": r["family"], "err": [], "flops": [], "score": []})
         agg["err"].append(r["rel_error"])
