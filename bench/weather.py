@@ -1,6 +1,6 @@
 """Speed of one Adas assimilation (FengWu-Adas, arXiv 2312.12462) against the upstream-style computation.
 
-Both run the same random weights: ours (``zoo.create`` with the official checkpoint loaded,
+Both run the same random weights: ours (``zoo.weather.create_model`` with the official checkpoint loaded,
 window attention through ``torch.nn.functional.scaled_dot_product_attention``, shift masks only
 on border windows) and ``zoo.weather.adas_reference`` (the official computation order:
 explicit ``q k^T``, bias and mask added to the full logits, softmax, weighted sum), at batch 1
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-import zoo
+from zoo.weather import create_model
 from zoo.weather.adas_reference import OfficialConfig, adas_reference_forward, random_official_state
 
 CONFIGS = {
@@ -77,7 +77,7 @@ def measure(size: str, args: argparse.Namespace, device: torch.device) -> dict:
     path = Path(args.out) / f"_adas_{size}_official.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
-    model = zoo.create(arch, checkpoint=path, **overrides).to(device).eval()
+    model = create_model(arch, checkpoint=path, **overrides).to(device).eval()
     path.unlink()
     ref_state = {k: v.to(device) for k, v in state.items()}
     del state

@@ -126,3 +126,19 @@ def test_nature_run_writes_wb2_netcdf_and_resumes(tmp_path):
         xr.open_dataset(again[0]).geopotential.values, ds.geopotential.values, rtol=1e-6
     )
     assert not any(resumed_dir.glob("*.state.pt"))
+
+
+def test_files_are_written_without_netcdf4(tmp_path, monkeypatch):
+    """Machines with xarray and SciPy only (no netCDF4/h5netcdf) still write and read nature runs."""
+    import xarray as xr
+
+    import zoo.weather.io as io
+
+    monkeypatch.setattr(io, "netcdf_engine", lambda: "scipy")
+    (path,) = generate_nature_run(
+        tmp_path, years=(2004,), nlat=16, nlon=32, days=0.5, spinup_days=0.25, show_progress=False
+    )
+    with open(path, "rb") as f:
+        assert f.read(3) == b"CDF"  # netCDF3 classic
+    ds = xr.load_dataset(path)
+    assert ds.sizes["time"] == 2 and int(ds.level[0]) == 500

@@ -162,6 +162,31 @@ for _name, (_cfg, _desc) in _FORECASTER_VARIANTS.items():
     )(_build_forecaster)
 
 
+def create_model(name: str, checkpoint: Any = None, **overrides: Any):
+    """Build a weather model from this family's own table (no other family is imported).
+
+    Same configs and checkpoint handling as ``zoo.create`` (official Adas keys mapped, strict).
+    """
+    from zoo import checkpoints
+
+    variants = {**_ADAS_VARIANTS, **_FORECASTER_VARIANTS}
+    if name not in variants:
+        raise ValueError(f"model: expected one of {sorted(variants)}, got {name!r}")
+    config = dict(variants[name][0])
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"{name}: unknown config override(s) {unknown}; valid keys: {sorted(config)}")
+    config.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    is_adas = name in _ADAS_VARIANTS
+    model = (_build_adas if is_adas else _build_forecaster)(**config)
+    model.zoo_name, model.zoo_config = name, config
+    if checkpoint is not None:
+        checkpoints.load_into(
+            model, checkpoints.load(checkpoint), filter_fn=_adas_filter if is_adas else None, strict=True
+        )
+    return model
+
+
 def _register_shipped(directory: Any = None) -> None:
     """Register ``zoo/weights/<arch>.<tag>.json`` manifests written by ``zoo.weather.shipping``."""
     import json

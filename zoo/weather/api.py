@@ -31,6 +31,7 @@ import torch
 
 from zoo.progress import get_logger, progress
 from zoo.weather.grid import Normalisation, StateLayout, check_state
+from zoo.weather.io import write_netcdf
 from zoo.weather.observations import grid_observations
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -178,8 +179,10 @@ def load_assimilator(name_or_checkpoint: str | Path, device: str | torch.device 
 
     path = Path(str(name_or_checkpoint))
     if path.suffix == ".safetensors" or path.is_file():
+        from zoo.weather import create_model
+
         meta = _sidecar(path)
-        model = zoo.create(meta["arch"], checkpoint=path, **meta.get("config", {}))
+        model = create_model(meta["arch"], checkpoint=path, **meta.get("config", {}))
     else:
         from zoo.registry import get_entry
 
@@ -205,8 +208,10 @@ def load_forecaster(name_or_checkpoint: str | Path, device: str | torch.device =
 
     path = Path(str(name_or_checkpoint))
     if path.suffix == ".safetensors" or path.is_file():
+        from zoo.weather import create_model
+
         meta = _sidecar(path)
-        model = zoo.create(meta["arch"], checkpoint=path, **meta.get("config", {}))
+        model = create_model(meta["arch"], checkpoint=path, **meta.get("config", {}))
     else:
         from zoo.registry import get_entry
 
@@ -386,9 +391,9 @@ def cycle(
         if directory is not None and (len(analyses) == chunk or i + 1 == steps):
             first = i + 1 - len(analyses)
             path = directory / f"analysis_{first:06d}.nc"
-            xr.concat(analyses, dim="time").to_netcdf(path)
+            write_netcdf(xr.concat(analyses, dim="time"), path)
             if backgrounds:
-                xr.concat(backgrounds, dim="time").to_netcdf(directory / f"background_{first:06d}.nc")
+                write_netcdf(xr.concat(backgrounds, dim="time"), directory / f"background_{first:06d}.nc")
             paths.append(path)
             analyses, backgrounds = [], []
         elif directory is None:

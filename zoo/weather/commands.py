@@ -137,7 +137,9 @@ def cmd_assimilate(args: argparse.Namespace) -> int:
     else:
         model = args.model
     analysis = assimilate(background, observations, model=model, device=args.device or "cpu")
-    analysis.to_netcdf(args.out)
+    from zoo.weather.io import write_netcdf
+
+    write_netcdf(analysis, args.out)
     print(f"analysis written to {args.out}")
     return 0
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from zoo.progress import get_logger, progress
+from zoo.weather.io import write_netcdf
 from zoo.weather.shallow_water import ShallowWaterConfig, ShallowWaterModel, wb2_latitudes, wb2_longitudes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -173,7 +174,7 @@ def generate_nature_run(
                         lon_out,
                         {"source": "zoo.weather.nature_run", "config": json.dumps(meta)},
                     )
-                    ds.to_netcdf(directory / f"nature_{nlat}x{nlon}_{year}.part{written:05d}.nc")
+                    write_netcdf(ds, directory / f"nature_{nlat}x{nlon}_{year}.part{written:05d}.nc")
                 written += values.shape[1]
                 buffer = []
                 torch.save(
@@ -193,8 +194,7 @@ def generate_nature_run(
     for year, final in zip(years, finals):
         parts = sorted(directory.glob(f"nature_{nlat}x{nlon}_{year}.part*.nc"))
         merged = xr.concat([xr.load_dataset(p) for p in parts], dim="time")
-        encoding = {v: {"zlib": True, "complevel": 1} for v in OSSE_LAYOUT_VARIABLES}
-        merged.to_netcdf(final, encoding=encoding)
+        write_netcdf(merged, final, compress=True)
         for p in parts:
             p.unlink()
     state_file.unlink(missing_ok=True)

@@ -114,7 +114,7 @@ def train_forecaster(
     overrides: dict | None = None,
 ) -> dict[str, Any]:
     """Train the 6-hour forecaster on the training years; resumable from ``out/forecaster_train.pt``."""
-    import zoo
+    from zoo.weather import create_model
 
     data, out = Path(data), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ def train_forecaster(
     norm = Normalisation.fit(torch.cat([y[::5].cpu() for y in years]), layout.channel_names())
     years = [norm.normalise(y) for y in years]
     config = dict(grid=(nlat, nlon), **(overrides or {}))
-    model = zoo.create(arch, **config).to(dev)
+    model = create_model(arch, **config).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state_path = out / "forecaster_train.pt"
     step0 = 0
@@ -218,10 +218,10 @@ def _forecast_skill(
 
 
 def _load_checkpoint_model(path: Path, device: torch.device):
-    import zoo
+    from zoo.weather import create_model
 
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = zoo.create(meta["arch"], checkpoint=path, **meta.get("config", {})).float().to(device)
+    model = create_model(meta["arch"], checkpoint=path, **meta.get("config", {})).float().to(device)
     return model, meta
 
 
@@ -243,7 +243,7 @@ def train_adas(
     overrides: dict | None = None,
 ) -> dict[str, Any]:
     """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``."""
-    import zoo
+    from zoo.weather import create_model
     from zoo.weather.adas import unify_mae
 
     data, out = Path(data), Path(out)
@@ -257,7 +257,7 @@ def train_adas(
     layout = osse_layout(nlat, nlon)
     years = [norm.normalise(t.to(dev)) for t in _year_tensors(data, TRAIN_YEARS, nlat, nlon)]
     config = dict(grid=(nlat, nlon), **(overrides or {}))
-    model = zoo.create(arch, **config).to(dev)
+    model = create_model(arch, **config).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state_path = out / "adas_train.pt"
     step0 = 0
