@@ -106,3 +106,15 @@ def test_bad_inputs_raise_one_clear_error():
         combiner_attention(q, k[..., :4], v)
     with pytest.raises(ValueError, match="x must be"):
         CombinerAttention(16, 2)(torch.randn(3, 16))
+
+
+@pytest.mark.parametrize("variant", ["fixed", "axial"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_segment_attention_through_the_block_sparse_kernel_matches(variant, causal):
+    q, k, v = (t.float() for t in _qkv(B=2, N=40, D=16))  # 3 segments of 16, the last one ragged
+    with torch.no_grad():
+        fast = combiner_attention(q, k, v, variant, 16, causal, backend="kernel")
+        plain = combiner_attention(q, k, v, variant, 16, causal, backend="torch")
+    assert _rel(fast, plain) < 1e-5
+    with pytest.raises(ValueError, match="backend"):
+        combiner_attention(q, k, v, variant, 16, causal, backend="triton")

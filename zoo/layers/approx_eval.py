@@ -676,6 +676,11 @@ def equal_budget_scatterbrain(
 
 
 # ----------------------------------------------------------------------------- GPU sweep
+def _pow2_sqrt(q: Tensor) -> int:
+    """A power-of-two segment length near sqrt(N) (the kernel path needs multiples of 16)."""
+    return 1 << round(math.log2(q.shape[-2]) / 2)
+
+
 def sweep(
     lengths: Iterable[int],
     *,
@@ -717,14 +722,16 @@ def sweep(
         "performer m=64": lambda q, k, v: scatterbrain_attention(
             q, k, v, 64, "lsh", 64, causal, mode="lowrank"
         ),
-        "combiner-fixed": lambda q, k, v: combiner_attention(q, k, v, "fixed", None, causal),
+        "combiner-fixed": lambda q, k, v: combiner_attention(q, k, v, "fixed", _pow2_sqrt(q), causal),
         "combiner-logsparse": lambda q, k, v: combiner_attention(q, k, v, "logsparse", None, causal),
-        "combiner-axial": lambda q, k, v: combiner_attention(q, k, v, "axial", None, causal),
+        "combiner-axial": lambda q, k, v: combiner_attention(q, k, v, "axial", _pow2_sqrt(q), causal),
         "spt top_k=N/8": lambda q, k, v: pq_sparse_attention(q, k, v, None, causal, codebook=codebook),
         "sea k=256": lambda q, k, v: sea.attend(q.float(), k.float(), v.float()),
     }
     if causal:
-        methods["combiner-mixture"] = lambda q, k, v: combiner_attention(q, k, v, "mixture", None, causal)
+        methods["combiner-mixture"] = lambda q, k, v: combiner_attention(
+            q, k, v, "mixture", _pow2_sqrt(q), causal
+        )
     try:
         from zoo.layers.xattention import XAttention
 

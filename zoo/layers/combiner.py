@@ -219,7 +219,32 @@ def _joint(parts: list) -> Tensor:
     return out
 
 
-def _fixed(qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float) -> Tensor:
+def _segment_attention_kernel(qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float):
+    """Attention inside each segment of L tokens through the block-sparse kernel (a block-diagonal
+    mask): output and log-normaliser, shaped (.., S, L, D) and (.., S, L, 1) like the grouped layout."""
+    from zoo.kernels import BlockSparseMask, block_sparse_attention
+
+    B, Hkv, G, N, D = qg.shape
+    S = math.ceil(N / L)
+    blocks = torch.eye(S, dtype=torch.bool, device=qg.device).view(1, 1, S, S)
+    mask = BlockSparseMask.from_dense(blocks, L, N, N)
+    out, lse = block_sparse_attention(
+        qg.reshape(B, Hkv * G, N, D),
+        k.squeeze(2),
+        v.squeeze(2),
+        mask,
+        causal=causal,
+        scale=scale,
+        return_lse=True,
+    )
+    out = _pad_to(out.to(qg.dtype).reshape(B, Hkv, G, N, -1), S * L).unflatten(-2, (S, L))
+    lse = F.pad(lse.to(qg.dtype).reshape(B, Hkv, G, N), (0, S * L - N)).unflatten(-1, (S, L)).unsqueeze(-1)
+    return out, lse
+
+
+def _fixed(
+    qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float, kernel: bool = False
+) -> Tensor:
     N = qg.shape[-2]
     S = math.ceil(N / L)
     valid = torch.arange(S * L, device=qg.device) < N
@@ -233,22 +258,31 @@ def _fixed(qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float)
     k_pool = ks.masked_fill(~vmask[:, :, None], neg).amax(-2)
     p = _masked_softmax(scale * (q_pool.unsqueeze(-2) @ ks.transpose(-1, -2)).squeeze(-2), vmask)
     summary = (p.unsqueeze(-2) @ vs).squeeze(-2)  # (.., S, D)
-    local = scale * qs @ ks.transpose(-1, -2)  # (.., S, L, L)
-    pos = torch.arange(L, device=qg.device)
-    local_keep = vmask[:, None, :].expand(S, L, L)
-    if causal:
-        local_keep = local_keep & (pos[None, :] <= pos[:, None])
     region = scale * qs @ k_pool.unsqueeze(-4).transpose(-1, -2)  # (.., S, L, S)
     seg = torch.arange(S, device=qg.device)
     region_keep = (seg[None, :] < seg[:, None]) if causal else (seg[None, :] != seg[:, None])
     region_keep = region_keep[:, None, :].expand(S, L, S)
-    out = _joint(
-        [
-            (local, local_keep, lambda w: w @ vs),
-            (region, region_keep, lambda w: w @ summary.unsqueeze(-3)),
-        ]
-    )
+    out = _joint([_direct_part(qs, ks, vs, vmask, qg, k, v, L, causal, scale, kernel),
+                  (region, region_keep, lambda w: w @ summary.unsqueeze(-3))])  # fmt: skip
     return out.flatten(-3, -2)[..., :N, :]
+
+
+def _direct_part(qs, ks, vs, vmask, qg, k, v, L: int, causal: bool, scale: float, kernel: bool):
+    """The exact attention inside the query's own segment / row, as one ``_joint`` group.
+
+    Torch: its L logits. Kernel (inference): one pseudo-logit, the segment's log-normaliser, whose
+    weight multiplies the kernel's normalised segment output (the lse is not differentiable there).
+    """
+    S = qs.shape[-3]
+    if kernel:
+        out, lse = _segment_attention_kernel(qg, k, v, L, causal, scale)
+        return (lse, torch.ones(S, L, 1, dtype=torch.bool, device=qs.device), lambda w: w * out)
+    local = scale * qs @ ks.transpose(-1, -2)  # (.., S, L, L)
+    pos = torch.arange(L, device=qs.device)
+    keep = vmask[:, None, :].expand(S, L, L)
+    if causal:
+        keep = keep & (pos[None, :] <= pos[:, None])
+    return (local, keep, lambda w: w @ vs)
 
 
 def _logsparse_levels(qg: Tensor, k: Tensor, v: Tensor, scale: float, with_self: bool):
@@ -297,14 +331,15 @@ def _logsparse(qg: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> 
     return (w.unsqueeze(-2) @ values).squeeze(-2)
 
 
-def _axial(qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float) -> Tensor:
+def _axial(
+    qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float, kernel: bool = False
+) -> Tensor:
     N = qg.shape[-2]
     S = math.ceil(N / L)
     vmask = (torch.arange(S * L, device=qg.device) < N).view(S, L)
     qs = _pad_to(qg, S * L).unflatten(-2, (S, L))
     ks = _pad_to(k, S * L).unflatten(-2, (S, L))
     vs = _pad_to(v, S * L).unflatten(-2, (S, L))
-    local = scale * qs @ ks.transpose(-1, -2)  # (.., S, L, L)
     # summaries of a short last row are taken by its last real query
     q_summary = torch.where(vmask.view(S * L, 1), _pad_to(qg, S * L), qg[..., N - 1 : N, :]).unflatten(
         -2, (S, L)
@@ -312,21 +347,13 @@ def _axial(qg: Tensor, k: Tensor, v: Tensor, L: int, causal: bool, scale: float)
     row_p = _masked_softmax(scale * q_summary @ ks.transpose(-1, -2), vmask[:, None, :].expand(S, L, L))
     key_summary = row_p @ ks  # (.., S, L, D): row r seen from column c
     val_summary = row_p @ vs
-    pos = torch.arange(L, device=qg.device)
-    local_keep = vmask[:, None, :].expand(S, L, L)
-    if causal:
-        local_keep = local_keep & (pos[None, :] <= pos[:, None])
     # query (s, c) against region (r, c): einsum over the shared column
     glob = scale * torch.einsum("...scd,...rcd->...scr", qs, key_summary)
     rows = torch.arange(S, device=qg.device)
     row_keep = (rows[None, :] < rows[:, None]) if causal else (rows[None, :] != rows[:, None])
     glob_keep = row_keep[:, None, :].expand(S, L, S)
-    out = _joint(
-        [
-            (local, local_keep, lambda w: w @ vs),
-            (glob, glob_keep, lambda w: torch.einsum("...scr,...rcd->...scd", w, val_summary)),
-        ]
-    )
+    out = _joint([_direct_part(qs, ks, vs, vmask, qg, k, v, L, causal, scale, kernel),
+                  (glob, glob_keep, lambda w: torch.einsum("...scr,...rcd->...scd", w, val_summary))])  # fmt: skip
     return out.flatten(-3, -2)[..., :N, :]
 
 
@@ -391,23 +418,37 @@ def combiner_attention(
     segment_len: int | None = None,
     causal: bool = True,
     scale: float | None = None,
+    backend: str = "auto",
 ) -> Tensor:
-    """Combiner attention on (B, H, N, D) q and (B, Hkv, N, D) k, v; returns (B, H, N, Dv) in q's dtype."""
+    """Combiner attention on (B, H, N, D) q and (B, Hkv, N, D) k, v; returns (B, H, N, Dv) in q's dtype.
+
+    ``backend``: the exact attention inside a segment (Fixed) or row (Axial) goes through the
+    block-sparse kernel (``zoo.kernels.block_sparse_attention``, a block-diagonal mask) with
+    ``"kernel"``, or as plain matrix products with ``"torch"``; ``"auto"`` takes the kernel on CUDA
+    for inference (no gradient needed, segment length a multiple of 16), since the kernel's
+    log-normaliser carries no gradient.
+    """
     fn = "combiner_attention"
     H, Hkv, N = _check_qkv(q, k, v, fn)
     _check_options(variant, segment_len, causal, fn)
+    if backend not in ("auto", "kernel", "torch"):
+        raise ValueError(f"{fn}: backend must be 'auto', 'kernel' or 'torch', got {backend!r}")
     L = default_segment_len(N) if segment_len is None else segment_len
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, _, _, D = q.shape
     qg = q.to(work).reshape(B, Hkv, H // Hkv, N, D)
     kg, vg = k.to(work).unsqueeze(2), v.to(work).unsqueeze(2)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    kernel = backend == "kernel" or (
+        backend == "auto" and q.is_cuda and not needs_grad and L % 16 == 0 and q.dtype != torch.float64
+    )
     if variant == "fixed":
-        out = _fixed(qg, kg, vg, L, causal, scale)
+        out = _fixed(qg, kg, vg, L, causal, scale, kernel)
     elif variant == "logsparse":
         out = _logsparse(qg, kg, vg, causal, scale)
     elif variant == "axial":
-        out = _axial(qg, kg, vg, L, causal, scale)
+        out = _axial(qg, kg, vg, L, causal, scale, kernel)
     else:
         out = _mixture(qg, kg, vg, L, scale)
     return out.flatten(1, 2).to(q.dtype)
