@@ -210,3 +210,30 @@ def test_get_task_errors():
         lra.get_task("pathfinder128")
     with pytest.raises(ValueError, match="ListOps: expected"):
         ListOps(min_length=50, max_length=40)
+
+
+def test_pathfinder_markers_follow_the_label_and_builds_are_deterministic():
+    from zoo.text.lra import Pathfinder, _PathfinderSampler
+
+    sampler = _PathfinderSampler(32, 9, 4)
+    labels = []
+    for i in range(60):
+        ex = sampler.example(np.random.default_rng((0, 0, i)))
+        (first_start, first_end), (_, second_end) = ex["snakes"]
+        expected = (first_start, first_end) if ex["label"] else (first_start, second_end)
+        assert ex["markers"] == expected
+        image = ex["image"].reshape(32, 32)
+        for y, x in ex["markers"]:
+            assert (image[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2] == 255).all()
+        assert set(np.unique(image)) <= {0, 255} and 0.02 < (image > 0).mean() < 0.5
+        labels.append(ex["label"])
+    assert 0.3 < np.mean(labels) < 0.7
+    from zoo.text.corpus import cache_dir
+
+    a = Pathfinder(num_train=1500, num_val=10, num_test=10, workers=2).split("train")
+    for cached in cache_dir().glob("pathfinder_*"):
+        cached.unlink()  # rebuild on one worker: the same images
+    b = Pathfinder(num_train=1500, num_val=10, num_test=10, workers=1).split("train")
+    assert len(a) == 1500 and dataset_fingerprint(a, 1500) == dataset_fingerprint(b, 1500)
+    first = sampler(np.random.default_rng((0, 0, 1234)))
+    assert np.array_equal(a[1234][0], first[0]) and a[1234][1] == first[1]

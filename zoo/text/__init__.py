@@ -4,7 +4,8 @@ Registered models (family ``text``):
 
 - ``ponet_base_uncased``: ``PoNetForPreTraining``, 12 layers, hidden 768, the Hugging Face
   key layout of ``chtan/ponet-base-uncased`` (load it with ``checkpoint=PATH``);
-- ``ponet_lra_listops``, ``ponet_lra_image``, ``ponet_lra_text``, ``ponet_lra_retrieval``:
+- ``ponet_lra_listops``, ``ponet_lra_image``, ``ponet_lra_text``, ``ponet_lra_retrieval``,
+  ``ponet_lra_pathfinder``:
   the 2-layer, width-64 Long Range Arena models of the paper (``mixer="sdpa"`` or
   ``"fnet"`` swaps in the baselines at the same size).
 
@@ -73,6 +74,11 @@ LRA_VARIANTS: dict[str, tuple[type[nn.Module], dict[str, Any], str]] = {
         PoNetForSequenceClassification,
         dict(_LRA_COMMON, vocab_size=258, max_position_embeddings=4096, segment_num=2048, num_labels=6),
         "byte-level document classification (KJV divisions, up to 4000 bytes), zoo.text.lra.KJVDivisions",
+    ),
+    "ponet_lra_pathfinder": (
+        PoNetForSequenceClassification,
+        dict(_LRA_COMMON, vocab_size=256, max_position_embeddings=1024, segment_num=1, num_labels=2),
+        "our Pathfinder-32 generator (1024 pixel tokens, 2 classes), zoo.text.lra.Pathfinder",
     ),
     "ponet_lra_retrieval": (
         PoNetForDocumentMatching,

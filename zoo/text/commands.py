@@ -125,7 +125,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:
-    tasks = ("listops", "image", "text", "retrieval")
+    tasks = ("listops", "image", "text", "retrieval", "pathfinder")
     p = groups["train"].add_parser(
         "text",
         help="PoNet / SDPA / FNet encoders on LRA-style tasks built offline (results JSON, resumable)",

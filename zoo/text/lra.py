@@ -11,7 +11,9 @@ read from Debian packages, so the whole pipeline runs without a network:
 - ``text`` (:class:`KJVDivisions`): byte-level classification of 1-4 kB King James Bible
   passages into the six traditional divisions, for LRA's byte-level IMDb sentiment;
 - ``retrieval`` (:class:`KJVSameBook`): byte-level matching of two 1-4 kB passages (same
-  book or another book of the same division), for LRA's AAN citation matching.
+  book or another book of the same division), for LRA's AAN citation matching;
+- ``pathfinder`` (:class:`Pathfinder`): our generator of 32 x 32 "are the two dots on one
+  dashed curve?" images, 1024 pixel tokens, for LRA's Pathfinder-32.
 
 Each task class says how it differs from the original. Items are token arrays padded to the
 task's fixed length by :func:`collate` (LRA pads to a fixed length too, and PoNet's LRA
@@ -44,6 +46,7 @@ __all__ = [
     "KJVSameBook",
     "LRATask",
     "ListOps",
+    "Pathfinder",
     "collate",
     "dataset_fingerprint",
     "get_task",
@@ -601,16 +604,159 @@ class KJVSameBook(KJVDivisions):
         return _LazySamples(sampler, self.sizes[split], self.seed, split)
 
 
+# ----------------------------------------------------------------------------- Pathfinder
+
+
+def _draw_snake(
+    canvas: np.ndarray, rng: np.random.Generator, dashes: int, dash: float, gap: float, turn: float
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Draw a dashed curve (``dashes`` strokes of ``dash`` px with ``gap`` px gaps, the heading
+    changing by at most ``turn`` radians per stroke, turning away from the borders); return
+    its two end pixels."""
+    size = canvas.shape[0]
+    low, high = 2.0, size - 3.0
+    pos = rng.uniform(low, high, size=2)
+    heading = rng.uniform(0, 2 * np.pi)
+    start = (int(round(pos[0])), int(round(pos[1])))
+    last = start
+    ticks = np.linspace(0.0, dash, int(dash * 4) + 1)[:, None]
+    for _ in range(dashes):
+        heading += rng.uniform(-turn, turn)
+        for _ in range(8):
+            direction = np.array([np.cos(heading), np.sin(heading)])
+            end = pos + (dash + gap) * direction
+            if low <= end[0] <= high and low <= end[1] <= high:
+                break
+            heading += rng.uniform(np.pi / 2, 3 * np.pi / 2)  # turn away from the border
+        else:
+            break
+        points = np.rint(pos + ticks * direction).astype(np.int64)
+        canvas[points[:, 0], points[:, 1]] = 1.0
+        last = (int(points[-1, 0]), int(points[-1, 1]))
+        pos = end
+    return start, last
+
+
+def _mark(canvas: np.ndarray, point: tuple[int, int]) -> None:
+    y, x = point
+    canvas[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2] = 1.0
+
+
+class _PathfinderSampler:
+    """One image: two dashed curves, ``distractors`` shorter ones, two 3 x 3 markers."""
+
+    def __init__(self, size: int, dashes: int, distractors: int):
+        self.size, self.dashes, self.distractors = size, dashes, distractors
+
+    def example(self, rng: np.random.Generator) -> dict[str, Any]:
+        canvas = np.zeros((self.size, self.size), dtype=np.float32)
+        label = int(rng.integers(2))
+        first = _draw_snake(canvas, rng, self.dashes, 1.5, 1.0, np.pi / 5)
+        second = _draw_snake(canvas, rng, self.dashes, 1.5, 1.0, np.pi / 5)
+        for _ in range(self.distractors):
+            _draw_snake(canvas, rng, max(2, self.dashes // 2), 1.5, 1.0, np.pi / 5)
+        markers = (first[0], first[1]) if label else (first[0], second[1])
+        for point in markers:
+            _mark(canvas, point)
+        image = (255 * canvas).astype(np.uint8).reshape(-1)
+        return {"image": image, "label": label, "snakes": (first, second), "markers": markers}
+
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        example = self.example(rng)
+        return example["image"], example["label"]
+
+
+class Pathfinder(LRATask):
+    """Pathfinder (Linsley et al. 2018): are the two marked points joined by one dashed curve?
+
+    As LRA's Pathfinder-32: 32 x 32 grayscale images read as 1024 pixel tokens, 2 balanced
+    classes; each image holds two dashed curves and short distractor curves; a positive image
+    marks both ends of one curve, a negative one an end of each curve (same number of curves
+    and markers in both classes). Differences: our own simple generator (strokes of 1.5 px,
+    1 px gaps, turns up to 36 degrees, turning away from a 2-pixel border, binary
+    intensities), not the original one, so difficulty and accuracies are not comparable to
+    LRA's; 100k / 10k / 10k images made in parallel and cached.
+    """
+
+    name = "pathfinder"
+    num_classes = 2
+    max_length = 1024
+    vocab_size = 256
+    model = "ponet_lra_pathfinder"
+
+    def __init__(
+        self,
+        num_train: int = 100_000,
+        num_val: int = 10_000,
+        num_test: int = 10_000,
+        seed: int = 0,
+        size: int = 32,
+        dashes: int = 9,
+        distractors: int = 4,
+        workers: int | None = None,
+    ) -> None:
+        if size < 8 or dashes < 1 or distractors < 0:
+            raise ValueError(
+                f"Pathfinder: expected size >= 8, dashes >= 1, distractors >= 0, got {size}, {dashes}, {distractors}"
+            )
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.seed = seed
+        self.max_length = size * size
+        self.sampler = _PathfinderSampler(size, dashes, distractors)
+        self.workers = workers
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def split(self, split: str) -> Dataset:
+        """Images made once (in parallel, deterministic in ``seed``) and cached in ``$ZOO_CACHE/text``."""
+        self._check_split(split)
+        if split not in self._arrays:
+            self._arrays[split] = self._build(split)
+        images, labels = self._arrays[split]
+        return ArrayTokens(images, labels)
+
+    def _build(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        count = self.sizes[split]
+        s = self.sampler
+        path = cache_dir() / (
+            f"pathfinder_s{self.seed}_{split}{count}_px{s.size}_d{s.dashes}_x{s.distractors}.npz"
+        )
+        if path.is_file():
+            with np.load(path) as f:
+                return f["images"], f["labels"]
+        code = SPLITS.index(split)
+        jobs = [(s, self.seed, code, start, min(start + 1000, count)) for start in range(0, count, 1000)]
+        workers = self.workers if self.workers is not None else min(16, os.cpu_count() or 1)
+        log.info("generating %d Pathfinder images (%s) with %d worker(s)", count, split, workers)
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                parts = list(pool.map(_pathfinder_chunk, jobs))
+        else:
+            parts = [_pathfinder_chunk(job) for job in jobs]
+        images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, s.size * s.size), np.uint8)
+        labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, images=images, labels=labels)
+        tmp.replace(path)
+        return images, labels
+
+
+def _pathfinder_chunk(job) -> tuple[np.ndarray, np.ndarray]:
+    sampler, seed, code, start, stop = job
+    items = [sampler(np.random.default_rng((seed, code, i))) for i in range(start, stop)]
+    return np.stack([it[0] for it in items]), np.array([it[1] for it in items], dtype=np.int64)
+
+
 TASKS: dict[str, type[LRATask]] = {
     "listops": ListOps,
     "image": FashionMNISTPixels,
     "text": KJVDivisions,
     "retrieval": KJVSameBook,
+    "pathfinder": Pathfinder,
 }
 
 
 def get_task(name: str, **kwargs: Any) -> LRATask:
-    """A task by name (``listops``, ``image``, ``text``, ``retrieval``) with its keyword options."""
+    """A task by name (``listops``, ``image``, ``text``, ``retrieval``, ``pathfinder``) with its keyword options."""
     if name not in TASKS:
         raise ValueError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
     return TASKS[name](**kwargs)

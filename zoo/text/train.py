@@ -47,6 +47,7 @@ TASK_PRESETS: dict[str, dict[str, Any]] = {
     "image": dict(batch_size=256, lr=5e-4, warmup=500, steps=6000, eval_every=500),
     "text": dict(batch_size=32, lr=2e-4, warmup=1000, steps=5000, eval_every=500),
     "retrieval": dict(batch_size=32, lr=2e-4, warmup=1000, steps=5000, eval_every=500),
+    "pathfinder": dict(batch_size=256, lr=5e-4, warmup=500, steps=6000, eval_every=500),
 }
 
 
