@@ -113,20 +113,34 @@ def acc(forecast, truth, climatology, time_dim: str = "time", per_time: bool = F
 
 
 def climatology(ds: xr.Dataset, window_days: int = 1, time_dim: str = "time") -> xr.Dataset:
-    """Mean by day of year and hour (``dayofyear`` 1..366, ``hour``), smoothed over ``window_days`` (circular)."""
-    grouped = ds.assign_coords(dayofyear=ds[time_dim].dt.dayofyear, hour=ds[time_dim].dt.hour)
-    clim = grouped.groupby(["dayofyear", "hour"]).mean(time_dim)
-    # days absent from the data (a short record) take the nearest present day, circularly
-    present = np.asarray(clim["dayofyear"].values)
+    """Mean by day of year and hour (dims ``dayofyear`` 1..366, ``hour``), smoothed over ``window_days`` (circular).
+
+    Days absent from the record take the nearest present day (circularly).
+    """
+    import xarray as xr
+
+    doy = ds[time_dim].dt.dayofyear.values
+    hour = ds[time_dim].dt.hour.values
+    hours = np.unique(hour)
+    key = xr.DataArray((doy - 1) * len(hours) + np.searchsorted(hours, hour), dims=time_dim, name="slot")
+    means = ds.groupby(key).mean(time_dim)
+    present = np.asarray(means["slot"].values)
     days = np.arange(1, 367)
-    gap = np.abs(days[:, None] - present[None, :])
-    nearest = np.minimum(gap, 366 - gap).argmin(1)
-    clim = clim.isel(dayofyear=nearest).assign_coords(dayofyear=days)
+    per_hour = []
+    for h in range(len(hours)):
+        slots = present[present % len(hours) == h]
+        have_days = slots // len(hours) + 1
+        gap = np.abs(days[:, None] - have_days[None, :])
+        nearest = slots[np.minimum(gap, 366 - gap).argmin(1)]
+        index = np.searchsorted(present, nearest)
+        per_hour.append(means.isel(slot=index).drop_vars("slot").rename(slot="dayofyear"))
+    clim = xr.concat(per_hour, dim="hour").assign_coords(dayofyear=days, hour=hours)
+    clim = clim.transpose("dayofyear", "hour", ...)
     if window_days > 1:
         half = window_days // 2
         padded = clim.pad(dayofyear=half, mode="wrap")
         clim = (
             padded.rolling(dayofyear=window_days, center=True).mean().isel(dayofyear=slice(half, half + 366))
         )
-        clim = clim.assign_coords(dayofyear=np.arange(1, 367))
+        clim = clim.assign_coords(dayofyear=days)
     return clim

@@ -207,6 +207,7 @@ class ShallowWaterModel:
         sh = self.sh
         lat = torch.as_tensor(np.deg2rad(sh.latitude), dtype=torch.float64, device=device)
         self.coriolis = (2 * OMEGA * torch.sin(lat))[:, None]
+        self.latitude_deg = torch.rad2deg(lat)
         lap = sh.laplacian
         factor = (-cfg.dt / (cfg.hyperdiffusion_hours * 3600.0)) * (lap / lap[-1, 0]) ** 4
         self.hyperdiffusion = torch.exp(factor)
@@ -217,7 +218,7 @@ class ShallowWaterModel:
     def equilibrium_geopotential(self, day_of_year: torch.Tensor) -> torch.Tensor:
         """``Phi_eq(lat)`` for each trajectory's day of year ``(B,)``: high between two seasonal jets."""
         cfg = self.config
-        lat = torch.as_tensor(self.sh.latitude, dtype=torch.float64, device=self.device)[None, :]
+        lat = self.latitude_deg[None, :]
         season = torch.sin(
             2 * math.pi * (day_of_year.double()[:, None] - 80.0) / 365.25
         )  # + in northern summer
