@@ -15,7 +15,9 @@ sequence length N. This script measures, in one process on one GPU:
    fp32 as upstream runs it with autocast off; ``torch.scatter_reduce`` stands in for
    ``torch_scatter.scatter_max``), same shapes (12 heads x 64, 64 segments).
 
-Writes ``bench/results/ponet.json`` (device, versions, date, every row) and prints two tables.
+Writes ``bench/results/ponet.json`` (device, versions, date, every row; ``--out`` elsewhere)
+and prints two tables. All rows run eagerly; ``--compile`` adds ``torch.compile``'d rows for the
+PoNet layer and mixing step (compilation happens in the warm-up, outside the timings).
 ``--quick`` runs tiny sizes (on the CPU if there is no GPU) to check that the script works.
 """
 
