@@ -5,28 +5,30 @@ Cost", arXiv 2312.08614. Fashion-MNIST: arXiv 1708.07747 (the Debian package
 ``dataset-fashion-mnist``; 60k train / 10k test images, 28x28, upsampled to 64 px).
 
 Every model is trained by ``zoo train image`` with the same recipe and the same wall-clock
-budget: by default all of them at once on one GPU (each run is bound by kernel launches at
-64 px, so they share the card well), each fitting its number of epochs to the budget after
-timing its first epoch. Then ``zoo eval image`` (fp32) measures each final model on the 10k
-test images. Outputs under ``--out``:
+budget: by default all of them at once on one GPU (at 64 px each run is bound by kernel
+launches, so they share the card well), each fitting its number of epochs to the budget
+after timing its first epoch. Then ``zoo eval image`` (fp32) measures each final model on the
+10k test images.
 
-- ``<model>/``: ``model.safetensors``, ``metrics.json``, ``log.csv``, ``resume.pt``,
-  ``train.log``, ``eval.json`` (the eval command's result row);
-- ``favit_b0.fashion_mnist.safetensors`` and ``favit_b0.fashion_mnist.json``: the weights
-  and their card (sha256, metrics, command, preprocessing) to drop into ``zoo/weights/``;
-- ``fashion_mnist.json``: one row per model (top-1/top-5, epochs, images/s, time).
+The runs live under ``--work``; ``--out`` receives at most seven files:
 
-    python bench/fashion_mnist.py --out $OUT              # ~7.5 min on one H100 / H200
-    python bench/fashion_mnist.py --out /tmp/fm --smoke   # a few steps on the CPU
+- ``fashion_mnist.json``: per model top-1/top-5 (the eval command's row), epochs, images/s,
+  time, the per-epoch history and the end of its training log;
+- ``favit_b0.fashion_mnist.safetensors`` + ``favit_b0.fashion_mnist.json``: the weights and
+  their card (sha256, metrics, training and eval commands, preprocessing) for ``zoo/weights/``;
+- ``favit_b0_resume/`` (only if favit_b0 stopped before its planned epochs): its last weights,
+  optimizer shards and ``resume.json``; rerun with ``--resume-from OUT_COPY --models favit_b0``.
 
-A run cut short resumes with the same command plus ``--resume`` (each model continues from
-its ``resume.pt``).
+    python bench/fashion_mnist.py --out $OUT --data-dir DIR     # ~7.5 min on one H100 / H200
+    python bench/fashion_mnist.py --out /tmp/fm --smoke         # a few steps on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -51,51 +53,54 @@ RECIPE = [
     "--reprob", "0.2", "--smoothing", "0.1", "--drop-path", "0.1",
     "--channels-last", "--pin-mem",
 ]  # fmt: skip
+RESUME_FILES = ("resume.json", "last.safetensors", "last_ema.safetensors")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="folder for the few files to keep")
+    p.add_argument("--work", default="/tmp/zoo_fashion_mnist", help="folder of the training runs")
+    p.add_argument(
+        "--data-dir", default=None, help="folder of the Fashion-MNIST IDX files (default: Debian's)"
+    )
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--budget-minutes", type=float, default=6.0, help="training wall time per model")
     p.add_argument("--max-epochs", type=int, default=60, help="upper bound on the fitted epochs")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--workers", type=int, default=None, help="loader workers per run (default: cores / runs)")
     p.add_argument("--sequential", action="store_true", help="train one model after the other")
-    p.add_argument("--resume", action="store_true", help="continue every run from its resume.pt")
+    p.add_argument("--resume-from", default=None, help="folder holding <model>_resume/ folders to continue")
     p.add_argument(
         "--smoke", action="store_true", help="a few CPU steps on a few images (checks the plumbing)"
     )
     return p.parse_args(argv)
 
 
-def train_command(model: str, out: Path, args: argparse.Namespace, workers: int) -> list[str]:
+def train_command(
+    model: str, run_dir: Path, args: argparse.Namespace, workers: int, resume: bool
+) -> list[str]:
     cmd = [sys.executable, "-m", "zoo.vision.train", "-m", model, *RECIPE]
     if model in MODEL_KWARGS:
         cmd += ["--model-kwargs", *MODEL_KWARGS[model]]
-    cmd += [
-        "--out",
-        str(out),
-        "-j",
-        str(workers),
-        "--eval-every",
-        str(args.eval_every),
-        "--log-interval",
-        "100",
-    ]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    cmd += ["--out", str(run_dir), "-j", str(workers), "--eval-every", str(args.eval_every)]
+    cmd += ["--log-interval", "100"]
     if args.smoke:
         cmd += ["--epochs", "1", "--max-steps", "2", "--num-samples", "32", "--num-val-samples", "32"]
         cmd += ["-b", "8", "--device", "cpu", "--log-interval", "1"]
     else:
         cmd += ["--epochs", str(args.max_epochs), "--time-budget", str(args.budget_minutes)]
         cmd += ["--max-minutes", str(args.budget_minutes + 0.5)]
-    if args.resume:
+    if resume:
         cmd += ["--resume", "auto"]
     return cmd
 
 
 def eval_command(checkpoint: Path, result: Path, args: argparse.Namespace, workers: int) -> list[str]:
     cmd = [sys.executable, "-m", "zoo.vision.validate", "--dataset", "fashion_mnist", "--split", "test"]
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
     cmd += ["--checkpoint", str(checkpoint), "-b", "500", "-j", str(workers), "--log-freq", "0"]
     cmd += ["--results-file", str(result), "--results-format", "json"]
     if args.smoke:
@@ -104,8 +109,6 @@ def eval_command(checkpoint: Path, result: Path, args: argparse.Namespace, worke
 
 
 def sha256_of(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -113,14 +116,18 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def resume_files(run_dir: Path) -> list[Path]:
+    files = [run_dir / n for n in RESUME_FILES if (run_dir / n).is_file()]
+    return files + sorted(run_dir.glob("optimizer-*-of-*.safetensors"))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    env = dict(
-        os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), ZOO_QUIET="0"
-    )
+    env = dict(os.environ, ZOO_QUIET="0", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     n_parallel = 1 if args.sequential else len(args.models)
     workers = args.workers or max(1, min(8, ((os.cpu_count() or 4) - n_parallel) // n_parallel))
     if args.smoke:
@@ -128,9 +135,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     runs: dict[str, dict[str, Any]] = {}
     for model in args.models:
-        run_dir = out / model
+        run_dir = work / model
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs[model] = dict(dir=run_dir, cmd=train_command(model, run_dir, args, workers))
+        resume = False
+        if args.resume_from:
+            saved = Path(args.resume_from) / f"{model}_resume"
+            if (saved / "resume.json").is_file():
+                for f in saved.iterdir():
+                    shutil.copyfile(f, run_dir / f.name)
+                resume = True
+        runs[model] = dict(dir=run_dir, cmd=train_command(model, run_dir, args, workers, resume))
 
     def launch(model: str) -> subprocess.Popen:
         run = runs[model]
@@ -159,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if metrics_file.is_file():
             m = json.loads(metrics_file.read_text())
             for key in ("top1", "top5", "epochs_done", "epochs_planned", "complete", "updates", "train_images_per_s",
-                        "elapsed_s", "param_count", "device", "command"):  # fmt: skip
+                        "elapsed_s", "param_count", "device", "data_config", "command"):  # fmt: skip
                 row[key] = m.get(key)
         weights = run["dir"] / "model.safetensors"
         if weights.is_file():
@@ -171,14 +185,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                 row["eval_command"] = "zoo eval image " + shlex.join(cmd[3:])
             else:
                 row["eval_error"] = res.stderr[-2000:]
+        if (run["dir"] / "log.csv").is_file():
+            with open(run["dir"] / "log.csv") as f:
+                row["history"] = list(csv.DictReader(f))
+        log_file = run["dir"] / "train.log"
+        row["log_tail"] = log_file.read_text()[-4000:] if log_file.is_file() else ""
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("command", "eval_command")}), flush=True)
+        brief = {k: v for k, v in row.items() if k not in ("command", "eval_command", "history", "log_tail")}
+        print(json.dumps(brief), flush=True)
 
     favit = next((r for r in rows if r["model"] == "favit_b0" and "eval" in r), None)
     if favit is not None:
         shipped = out / "favit_b0.fashion_mnist.safetensors"
         shutil.copyfile(runs["favit_b0"]["dir"] / "model.safetensors", shipped)
-        metrics = json.loads((runs["favit_b0"]["dir"] / "metrics.json").read_text())
         card = dict(
             arch="favit_b0",
             tag="fashion_mnist",
@@ -189,9 +208,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             config=dict(num_classes=10),
             command=favit.get("command", ""),
             eval_command="zoo eval image --dataset fashion_mnist --split test -m favit_b0.fashion_mnist --pretrained",
-            data_config=metrics.get("data_config", {}),
+            data_config=favit.get("data_config") or {},
             trained=dict(
                 epochs=favit.get("epochs_done"),
+                complete=favit.get("complete"),
                 device=favit.get("device"),
                 images_per_s=favit.get("train_images_per_s"),
                 seconds=favit.get("elapsed_s"),
@@ -199,6 +219,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             ),
         )
         (out / "favit_b0.fashion_mnist.json").write_text(json.dumps(card, indent=1))
+        if not favit.get("complete", True):
+            keep = out / "favit_b0_resume"
+            keep.mkdir(exist_ok=True)
+            for f in resume_files(runs["favit_b0"]["dir"]):
+                shutil.copyfile(f, keep / f.name)
 
     summary = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -15,8 +15,10 @@ timm's train.py cut to what our runs use:
 - time: ``--time-budget MIN`` fits the number of epochs after the first one is timed (the
   learning-rate schedule is rebuilt for the fitted count); ``--max-minutes MIN`` stops early;
 - outputs under ``--out``: ``last.safetensors`` (+ ``last_ema.safetensors``) and
-  ``resume.pt`` (optimizer, scaler, epoch, update count, fitted epochs; weights-only) after
-  every epoch, so ``--resume auto`` continues an interrupted run; at the end
+  the optimizer state as safetensors shards (``optimizer-000-of-00N.safetensors``, at most
+  ``--shard-mb`` each) with ``resume.json`` (epoch, update count, fitted epochs, scaler,
+  history; no pickles) after every epoch, so ``--resume auto`` (or ``--resume DIR``)
+  continues an interrupted run, also on another machine; at the end
   ``model.safetensors`` (metadata: model, num_classes, model_kwargs, data_config, command),
   ``metrics.json`` (top-1/top-5 on the eval split, measured like ``zoo eval image``) and
   ``log.csv``.
@@ -157,18 +159,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("run control and outputs")
     g.add_argument("--out", default="output/train", help="output folder (checkpoints, metrics.json, log.csv)")
     g.add_argument(
-        "--resume", default="", help="resume.pt to continue from, or 'auto' (OUT/resume.pt if present)"
+        "--resume", default="", help="folder with resume.json to continue from, or 'auto' (OUT, if present)"
     )
     g.add_argument(
         "--time-budget", type=float, default=None, help="minutes for the whole run; fits the epochs"
     )
     g.add_argument("--max-minutes", type=float, default=None, help="stop (resumable) after this many minutes")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many updates (smoke tests)")
+    g.add_argument(
+        "--max-steps", type=int, default=None, help="stop after this many updates of this run (smoke tests)"
+    )
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only at the end)")
     g.add_argument("--log-interval", type=int, default=50, help="log every N updates")
     g.add_argument(
         "--eval-batch-size", type=int, default=None, help="eval batch size (default 2x batch size)"
     )
+    g.add_argument("--shard-mb", type=float, default=15.0, help="largest optimizer-state file, MB")
     return parser
 
 
@@ -271,10 +276,76 @@ def _build_model(
     return model, kwargs, data_config
 
 
-def _atomic_save_torch(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_resume_state(
+    out: Path,
+    optimizer: torch.optim.Optimizer,
+    scaler: Optional[Any],
+    progress_state: dict[str, Any],
+    shard_mb: float = 15.0,
+) -> None:
+    """Optimizer tensors as safetensors shards of at most ``shard_mb`` MB, everything else in resume.json.
+
+    No pickles: the files load with ``safetensors`` and ``json`` only, and shards stay small
+    enough to move between machines one by one.
+    """
+    opt_state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = _json_safe(value)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, limit = 0, int(shard_mb * 2**20)
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    names = [f"optimizer-{i:03d}-of-{len(shards):03d}.safetensors" for i in range(len(shards))]
+    for stale in out.glob("optimizer-*-of-*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+    for name, shard in zip(names, shards):
+        _atomic_save_weights(shard, out / name)
+    state = dict(
+        progress_state,
+        optimizer_param_groups=_json_safe(opt_state["param_groups"]),
+        optimizer_scalars=scalars,
+        optimizer_shards=names,
+        scaler=_json_safe(scaler.state_dict()) if scaler is not None else {},
+    )
+    tmp = out / "resume.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, out / "resume.json")
+
+
+def load_resume_state(
+    folder: Path, optimizer: torch.optim.Optimizer, scaler: Optional[Any]
+) -> dict[str, Any]:
+    """Restore the optimizer (and gradient scaler) saved by ``save_resume_state``; returns the progress state."""
+    from zoo import checkpoints
+
+    state = json.loads((folder / "resume.json").read_text())
+    per_param: dict[int, dict[str, Any]] = {}
+    for name in state["optimizer_shards"]:
+        for key, value in checkpoints.load(folder / name).items():
+            idx, entry = key.split(".", 1)
+            per_param.setdefault(int(idx), {})[entry] = value
+    for idx, entries in state["optimizer_scalars"].items():
+        per_param.setdefault(int(idx), {}).update(entries)
+    groups = state["optimizer_param_groups"]
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
 
 
 def _atomic_save_weights(state: dict, path: Path, metadata: Optional[dict] = None) -> None:
@@ -480,38 +551,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     start_epoch, num_updates, num_epochs, elapsed_before = 0, 0, args.epochs, 0.0
     fitted = False
     history: list[dict[str, Any]] = []
-    resume_path = None
+    resume_dir = None
     if args.resume:
-        resume_path = out / "resume.pt" if args.resume == "auto" else Path(args.resume)
-        if args.resume == "auto" and not resume_path.is_file():
-            resume_path = None
-        elif not resume_path.is_file():
-            raise FileNotFoundError(f"resume: no such file {resume_path}")
-    if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        weights_dir = resume_path.parent
-        checkpoints.load_into(model, checkpoints.load(weights_dir / "last.safetensors"), strict=True)
-        if ema is not None and (weights_dir / "last_ema.safetensors").is_file():
+        resume_dir = out if args.resume == "auto" else Path(args.resume)
+        if resume_dir.is_file():
+            resume_dir = resume_dir.parent
+        if not (resume_dir / "resume.json").is_file():
+            if args.resume != "auto":
+                raise FileNotFoundError(f"resume: no resume.json under {resume_dir}")
+            resume_dir = None
+    if resume_dir is not None:
+        state = load_resume_state(resume_dir, optimizer, scaler)
+        checkpoints.load_into(model, checkpoints.load(resume_dir / "last.safetensors"), strict=True)
+        if ema is not None and (resume_dir / "last_ema.safetensors").is_file():
             checkpoints.load_into(
-                ema.module, checkpoints.load(weights_dir / "last_ema.safetensors"), strict=True
+                ema.module, checkpoints.load(resume_dir / "last_ema.safetensors"), strict=True
             )
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
         start_epoch, num_updates = int(state["epoch"]), int(state["num_updates"])
         num_epochs, fitted = int(state["num_epochs"]), bool(state["fitted"])
         elapsed_before = float(state["elapsed_s"])
-        history = json.loads(state.get("history", "[]"))
+        history = list(state.get("history", []))
         if is_main:
             log.info(
                 "resumed from %s at epoch %d (update %d of %d epochs)",
-                resume_path,
+                resume_dir,
                 start_epoch,
                 num_updates,
                 num_epochs,
             )
     scheduler = make_scheduler(num_epochs)
     scheduler.step_update(num_updates)
+    start_updates = num_updates
 
     train_model: torch.nn.Module = model
     if args.torchcompile:
@@ -534,17 +604,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         _atomic_save_weights(_unwrap(model).state_dict(), out / "last.safetensors")
         if ema is not None:
             _atomic_save_weights(ema.module.state_dict(), out / "last_ema.safetensors")
-        state = dict(
-            optimizer=optimizer.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else {},
-            epoch=epoch_done,
-            num_updates=num_updates,
-            num_epochs=num_epochs,
-            fitted=fitted,
-            elapsed_s=elapsed(),
-            history=json.dumps(history),
+        save_resume_state(
+            out,
+            optimizer,
+            scaler,
+            dict(
+                epoch=epoch_done,
+                num_updates=num_updates,
+                num_epochs=num_epochs,
+                fitted=fitted,
+                elapsed_s=elapsed(),
+                history=history,
+            ),
+            shard_mb=args.shard_mb,
         )
-        _atomic_save_torch(state, out / "resume.pt")
 
     autocast = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
@@ -603,7 +676,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     optimizer.param_groups[0]["lr"],
                     (step + 1) * images.shape[0] * world / max(time.time() - epoch_start, 1e-9),
                 )
-            if args.max_steps is not None and num_updates >= args.max_steps:
+            if args.max_steps is not None and num_updates - start_updates >= args.max_steps:
                 stopped_early = True
                 break
         if device.type == "cuda":
