@@ -104,7 +104,10 @@ def _bench_ponet(args: argparse.Namespace) -> int:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.main(args.bench_args)
+    bench_args = list(args.bench_args or [])
+    if bench_args[:1] == ["--"]:
+        bench_args = bench_args[1:]
+    return module.main(bench_args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
