@@ -151,3 +151,29 @@ def test_bad_inputs():
         attn(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))
     with pytest.raises(ValueError, match="self-attention"):
         WindowAttention3D(8, 2, (2, 2, 2))(torch.randn(1, 2, 2, 2, 8), torch.randn(1, 2, 2, 2, 8))
+
+
+def test_head_padding_for_fused_kernels_is_exact():
+    from zoo.layers.window_attention import _sdpa
+
+    q, k, v = (torch.randn(3, 2, 10, 12) for _ in range(3))
+    bias = torch.randn(1, 2, 10, 10)
+    plain = _sdpa(q, k, v, bias, 0.0, 12**-0.5, align=0)
+    padded = _sdpa(q, k, v, bias, 0.0, 12**-0.5, align=8)
+    torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim,heads", [(96, 8), (64, 4)])
+def test_cuda_fused_matches_reference(dim, heads):
+    attn = (
+        WindowAttention3D(dim, heads, (2, 4, 8), (1, 2, 4), cross=True, periodic_axes=(False, False, True))
+        .cuda()
+        .eval()
+    )
+    x, c = torch.randn(2, 4, 8, 16, dim, device="cuda"), torch.randn(2, 4, 8, 16, dim, device="cuda")
+    with torch.no_grad():
+        fused = attn(x, c)
+        attn.fused = False
+        ref = attn(x, c)
+    assert ((fused - ref).norm() / ref.norm()) < 1e-4

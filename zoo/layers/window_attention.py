@@ -155,6 +155,27 @@ def _split_mask_on_device(
     return mask[border_idx].to(device), border_idx.to(device), inner_idx.to(device)
 
 
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    drop: float,
+    scale: float,
+    align: int | None = None,
+) -> torch.Tensor:
+    """SDPA; a head size that is not a multiple of ``align`` (8 on CUDA) is zero-padded so the fused kernels accept it."""
+    hd = q.shape[-1]
+    align = (8 if q.is_cuda else None) if align is None else align
+    if align and hd % align:
+        pad = (0, align - hd % align)
+        q, k, v = (
+            F.pad(t, pad) for t in (q, k, v)
+        )  # zero columns change neither logits nor the kept outputs
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)[..., :hd]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scale)
+
+
 class WindowAttention3D(nn.Module):
     """Multi-head attention inside 3D windows of a ``(B, D, H, W, C)`` grid, optionally shifted and/or cross.
 
@@ -287,9 +308,7 @@ class WindowAttention3D(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         bias = bias.to(q.dtype)
         if split is None:
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=drop, scale=self.scale
-            )
+            return _sdpa(q, k, v, bias.unsqueeze(0), drop, self.scale)
         border_mask, border_idx, inner_idx = split
         nW = border_idx.numel() + inner_idx.numel()
         Bw, h, N, hd = q.shape
@@ -298,15 +317,13 @@ class WindowAttention3D(nn.Module):
         out = torch.empty_like(q5)
         if inner_idx.numel():
             sel = [t.index_select(1, inner_idx).flatten(0, 1) for t in (q5, k5, v5)]
-            res = F.scaled_dot_product_attention(
-                *sel, attn_mask=bias.unsqueeze(0), dropout_p=drop, scale=self.scale
-            )
+            res = _sdpa(*sel, bias.unsqueeze(0), drop, self.scale)
             out.index_copy_(1, inner_idx, res.view(batch, -1, h, N, hd))
         if border_idx.numel():
             sel = [t.index_select(1, border_idx).flatten(0, 1) for t in (q5, k5, v5)]
             full = bias.unsqueeze(0) + border_mask.to(q.dtype).unsqueeze(1)
             full = full.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(-1, h, N, N)
-            res = F.scaled_dot_product_attention(*sel, attn_mask=full, dropout_p=drop, scale=self.scale)
+            res = _sdpa(*sel, full, drop, self.scale)
             out.index_copy_(1, border_idx, res.view(batch, -1, h, N, hd))
         return out.view(Bw, h, N, hd)
 
