@@ -93,3 +93,16 @@ def test_bad_train_arguments(tmp_path):
         train_module.main(
             ["--dataset", "fashion_mnist", "-m", "nope_model", "--device", "cpu", "--out", str(tmp_path)]
         )
+
+
+@pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="Debian package dataset-fashion-mnist not installed")
+def test_time_budget_fits_the_epochs_after_the_first(tmp_path):
+    out = tmp_path / "budget"
+    args = ["--dataset", "fashion_mnist", "-m", "favit_b0", "--img-size", "32", "-b", "8", "-j", "0"]
+    args += ["--num-samples", "16", "--num-val-samples", "8", "--epochs", "1000", "--time-budget", "0.1"]
+    args += ["--device", "cpu", "--out", str(out), "--log-interval", "0", "--eval-every", "0"]
+    assert train_module.main(args) == 0
+    state = json.loads((out / "resume.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert state["fitted"] is True and 1 <= state["num_epochs"] < 1000
+    assert metrics["epochs_done"] == metrics["epochs_planned"] == state["num_epochs"]

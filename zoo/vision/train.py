@@ -731,9 +731,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
         # fit the number of epochs to the time budget once the first epoch of this run is timed
         if args.time_budget and not fitted and epoch >= 1:
-            per_epoch = epoch_seconds + float(row.get("eval_s", 0.0))
-            remaining = args.time_budget * 60.0 - elapsed() - 2 * float(row.get("eval_s", per_epoch * 0.1))
-            fit = epoch + max(0, math.floor(remaining / max(per_epoch, 1e-9)))
+            if "eval_s" in row:
+                eval_seconds = float(row["eval_s"])
+            else:  # time one evaluation: the periodic ones and the final one come out of the budget too
+                eval_start = time.time()
+                evaluate(_unwrap(model), loader_eval, device, amp_dtype=amp_dtype, channels_last=args.channels_last,
+                         prefetcher=prefetcher, log_freq=0, desc="timing eval")  # fmt: skip
+                eval_seconds = time.time() - eval_start
+            per_epoch = epoch_seconds + (eval_seconds / args.eval_every if args.eval_every else 0.0)
+            remaining = args.time_budget * 60.0 - elapsed() - 2 * eval_seconds - 5.0
+            fit = epoch + max(0, math.floor(0.97 * remaining / max(per_epoch, 1e-9)))
             fit = max(epoch, min(args.epochs, fit))
             if world > 1:
                 t = torch.tensor([fit], device=device)
