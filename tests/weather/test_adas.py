@@ -150,3 +150,17 @@ def test_official_shapes_cover_every_parameter():
         torch.Size(s).numel() for k, s in shapes.items() if not k.endswith("relative_position_index")
     )
     assert params == official
+
+
+@pytest.mark.gpu
+def test_cuda_official_checkpoint_gives_reference_analysis(tmp_path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    state = random_official_state(CFG, seed=5)
+    torch.save(state, tmp_path / "adas.pth")
+    model = zoo.create("adas_fengwu69_0p25", checkpoint=tmp_path / "adas.pth", **OVERRIDES).cuda().eval()
+    bg, obs, mask = (t.cuda() for t in inputs(batch=2))
+    with torch.no_grad():
+        out = model(bg, obs, mask)
+        ref = adas_reference_forward({k: v.cuda() for k, v in state.items()}, bg, obs, mask, CFG)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-4

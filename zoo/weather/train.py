@@ -21,6 +21,7 @@ writes a JSON of its results there; checkpoints are ``.safetensors`` with a ``.j
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -441,7 +442,9 @@ def evaluate(
         steps = min(cycles, truth_year.sizes["time"] - 2)
         initial = truth_year.isel(time=slice(0, 2))
         t0 = time.perf_counter()
-        cycle_dir = Path(work) / "cycle_adas" if work else out / "cycle_adas"
+        # analyses stream to the data folder (not to ``out``, which holds only results); a fresh run each time
+        cycle_dir = (Path(work) if work else data / "runs") / "cycle_adas"
+        shutil.rmtree(cycle_dir, ignore_errors=True)
         run = cycle(initial, observe, fc, assim, steps, out=cycle_dir, chunk=120, keep_backgrounds=False)
         seconds = time.perf_counter() - t0
         analyses = run.open()
@@ -536,8 +539,6 @@ def run_all(
     Data and resumable states live in ``data``; ``out`` receives only the deliverables (two
     checkpoints with their sidecars, ``results.json``, two PNGs), so it stays under 8 files.
     """
-    import shutil
-
     start = time.perf_counter()
     data, out = Path(data), Path(out)
     work = data / "runs"
