@@ -765,23 +765,33 @@ def sweep(
                 continue
             try:
                 with torch.no_grad():
-                    fn(q, k, v)  # warm up (compiles kernels)
                     if cuda:
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
-                    times = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        fn(q, k, v)
+                    t0 = time.perf_counter()
+                    fn(q, k, v)  # warm up (compiles kernels)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    warm = time.perf_counter() - t0
+                    times = [warm]
+                    if warm > 10.0:  # too slow to repeat: report the first call
+                        row["note"] = "single first call (includes compilation)"
+                    else:
                         if cuda:
-                            torch.cuda.synchronize()
-                        times.append(time.perf_counter() - t0)
+                            torch.cuda.reset_peak_memory_stats()
+                        times = []
+                        for _ in range(1 if warm > 2.0 else reps):
+                            t0 = time.perf_counter()
+                            fn(q, k, v)
+                            if cuda:
+                                torch.cuda.synchronize()
+                            times.append(time.perf_counter() - t0)
                 row["ms"] = round(1e3 * sorted(times)[len(times) // 2], 3)
                 if cuda:
                     row["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-                spent[name] = spent.get(name, 0.0) + sum(times)
-                if spent[name] > seconds_per_method or sorted(times)[0] > 5.0:
+                spent[name] = spent.get(name, 0.0) + warm + sum(times)
+                if spent[name] > seconds_per_method or min(times) > 5.0:
                     dead.add(name)
             except torch.OutOfMemoryError:
                 row["skipped"] = "out of memory"

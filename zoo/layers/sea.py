@@ -135,19 +135,28 @@ def sparse_attention_on_columns(
     chunk = query_chunk or max(1, min(N, (1 << 25) // max(B * H * per_query, 1)))
     qg = q.to(work).reshape(B, Hkv, G, N, D)
     kg, vg = k.to(work).unsqueeze(2), v.to(work).unsqueeze(2)  # (B, Hkv, 1, N, d)
+    count = selected.sum(-1)  # (B, H, N) chosen columns per query
+    offsets_all = torch.arange(max(1, int((end - start).max().item())), device=q.device)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        col = _column_of_keys(lengths[s:e], N, T)  # (c, N)
-        keep = torch.gather(selected[:, :, s:e], -1, col.clamp_min(0).expand(B, H, -1, -1)) & (col >= 0)
-        keep = keep.view(B, Hkv, G, e - s, N)
         width = int(kept[:, :, s:e].max().item())
         if width == 0:
             continue
         # gathering reads 2 d floats per kept key; scoring all keys reads N scores and K, V once per chunk
         use_gather = path == "gather" or (path == "auto" and 2 * width * D < N * (1 + 2 * D / (e - s)))
         if use_gather:
-            idx = torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
-            ok = torch.gather(keep, -1, idx)
+            # key lists straight from the chosen columns' ranges (sorting T columns, never N keys)
+            cmax = int(count[:, :, s:e].max().item())
+            cols = torch.sort(selected[:, :, s:e].to(torch.int8), dim=-1, descending=True, stable=True)
+            cols = cols.indices[..., :cmax]  # (B, H, c, cmax)
+            st = torch.gather(start[s:e].expand(B, H, -1, -1), -1, cols)
+            en = torch.gather(end[s:e].expand(B, H, -1, -1), -1, cols)
+            span = int((en - st).max().item())
+            keys = st.unsqueeze(-1) + offsets_all[:span]  # (B, H, c, cmax, span)
+            col_ok = torch.arange(cmax, device=q.device) < count[:, :, s:e].unsqueeze(-1)
+            ok = ((keys < en.unsqueeze(-1)) & col_ok.unsqueeze(-1)).flatten(-2).view(B, Hkv, G, e - s, -1)
+            idx = torch.where(ok, keys.flatten(-2).view(B, Hkv, G, e - s, -1), 0)
+            width = idx.shape[-1]
             flat = idx.flatten(-2)
             kb = torch.gather(kg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, D))
             vb = torch.gather(
@@ -157,13 +166,13 @@ def sparse_attention_on_columns(
             vb = vb.view(B, Hkv, G, e - s, width, -1)
             logits = scale * (qg[:, :, :, s:e].unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2)
         else:
-            ok = keep
+            col = _column_of_keys(lengths[s:e], N, T)  # (c, N)
+            ok = torch.gather(selected[:, :, s:e], -1, col.clamp_min(0).expand(B, H, -1, -1)) & (col >= 0)
+            ok = ok.view(B, Hkv, G, e - s, N)
             logits = scale * (qg[:, :, :, s:e] @ kg.transpose(-1, -2))
-        logits = logits.masked_fill(~ok, float("-inf"))
-        top = logits.amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        w = torch.exp(logits - top)
-        w = w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        w = torch.softmax(logits.masked_fill_(~ok, float("-inf")), -1)
+        if bool((kept[:, :, s:e] == 0).any()):
+            w = torch.nan_to_num(w, nan=0.0)  # a query without keys returns 0
         res = (w.unsqueeze(-2) @ vb).squeeze(-2) if use_gather else w @ vg
         out[:, :, s:e] = res.reshape(B, H, e - s, -1)
     return out.to(q.dtype), kept
