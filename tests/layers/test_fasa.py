@@ -162,7 +162,7 @@ def test_gradients_of_fast_path_equal_reference_and_pass_gradcheck():
 def test_training_after_inference_mode_on_the_same_grid():
     from zoo.layers import fasa
 
-    fasa._GRID_CACHE.clear()  # the first call below fills it, under inference mode
+    fasa._INDEX_CACHE.clear()  # the first call below fills it, under inference mode
     layer = FactorizationSelfAttention(32, 1, 4)
     x = torch.randn(1, 10 * 9, 32)  # needs padded (gathered) windows
     with torch.inference_mode():

@@ -86,31 +86,45 @@ def mirror_indices(positions: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(folded >= size, period - folded, folded)
 
 
-def _window_grid(size: int, window: int, dilation: int, device: torch.device) -> tuple[torch.Tensor, int]:
+def _window_grid(size: int, window: int, dilation: int, device: torch.device) -> torch.Tensor:
     """Row (or column) index of each (window position, window) pair, shape ``(window, n_windows)``."""
     stride = dilation * (window - 1) + 1
     n_windows = -(-size // stride)
     offsets = torch.arange(window, device=device) * dilation
     starts = torch.arange(n_windows, device=device) * stride
-    return mirror_indices(offsets[:, None] + starts[None, :], size), n_windows
+    return mirror_indices(offsets[:, None] + starts[None, :], size)
 
 
-_GRID_CACHE: dict[tuple, tuple[torch.Tensor, int]] = {}
+def _gather_indices(
+    H: int, W: int, heads: int, window: int, dilation: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, column and head indices that gather ``(heads, window, window, n_h, n_w)`` window tokens."""
+    rows = _window_grid(H, window, dilation, device)
+    cols = _window_grid(W, window, dilation, device)
+    head = torch.arange(heads, device=device)
+    return (
+        rows.view(1, window, 1, rows.shape[1], 1),
+        cols.view(1, 1, window, 1, cols.shape[1]),
+        head.view(heads, 1, 1, 1, 1),
+    )
 
 
-def _cached_window_grid(
-    size: int, window: int, dilation: int, device: torch.device
-) -> tuple[torch.Tensor, int]:
+_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _cached_gather_indices(
+    H: int, W: int, heads: int, window: int, dilation: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if torch.compiler.is_compiling():
-        return _window_grid(size, window, dilation, device)
-    key = (size, window, dilation, str(device))
-    grid = _GRID_CACHE.get(key)
-    if grid is None:
-        if len(_GRID_CACHE) > 256:
-            _GRID_CACHE.clear()
+        return _gather_indices(H, W, heads, window, dilation, device)
+    key = (H, W, heads, window, dilation, str(device))
+    found = _INDEX_CACHE.get(key)
+    if found is None:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
         with torch.inference_mode(False):  # cached indices must also serve later autograd passes
-            grid = _GRID_CACHE[key] = _window_grid(size, window, dilation, device)
-    return grid
+            found = _INDEX_CACHE[key] = _gather_indices(H, W, heads, window, dilation, device)
+    return found
 
 
 def pool_window_tokens(feats: torch.Tensor, num_heads: int, window: int, dilation: int) -> torch.Tensor:
@@ -138,19 +152,12 @@ def pool_window_tokens(feats: torch.Tensor, num_heads: int, window: int, dilatio
         tokens = feats.view(B, n_h, stride, n_w, stride, num_heads, head_dim)
         if dilation > 1:
             tokens = tokens[:, :, ::dilation, :, ::dilation]
-        tokens = tokens.permute(
-            0, 5, 2, 4, 1, 3, 6
-        )  # B, heads, row in window, col in window, win row, win col, c
+        # B, heads, row in window, col in window, win row, win col, c
+        tokens = tokens.permute(0, 5, 2, 4, 1, 3, 6)
     else:
-        rows, _ = _cached_window_grid(H, window, dilation, feats.device)
-        cols, _ = _cached_window_grid(W, window, dilation, feats.device)
-        heads = torch.arange(num_heads, device=feats.device)
-        tokens = feats.view(B, H, W, num_heads, head_dim)[
-            :,
-            rows.view(1, window, 1, n_h, 1),
-            cols.view(1, 1, window, 1, n_w),
-            heads.view(num_heads, 1, 1, 1, 1),
-        ]  # B, heads, row in window, col in window, win row, win col, c
+        rows, cols, heads = _cached_gather_indices(H, W, num_heads, window, dilation, feats.device)
+        # B, heads, row in window, col in window, win row, win col, c
+        tokens = feats.view(B, H, W, num_heads, head_dim)[:, rows, cols, heads]
     n_windows = n_h * n_w
     return tokens.reshape(B, num_heads, window * window, head_dim, n_windows).mean(-1)
 
