@@ -126,10 +126,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _part_name(module: str) -> str:
+    """``zoo.vision.commands`` -> ``vision``; ``zoo.layers.routing_commands`` -> ``routing``."""
+    parent, _, last = module.rpartition(".")
+    return parent.rpartition(".")[2] if last == "commands" else last.removesuffix("_commands")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     log = get_logger("zoo.demo")
     demos: list[tuple[str, Callable]] = [
-        (m.__name__.rsplit(".", 2)[-2], m.demo) for m in _command_modules() if hasattr(m, "demo")
+        (_part_name(m.__name__), m.demo) for m in _command_modules() if hasattr(m, "demo")
     ]
     if args.only:
         unknown = sorted(set(args.only) - {n for n, _ in demos})
