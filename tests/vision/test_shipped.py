@@ -62,3 +62,46 @@ def test_eval_of_a_shipped_tag_uses_its_preprocessing(shipped_card, tmp_path):
     assert zoo_main(args + ["--results-format", "json"]) == 0
     row = json.loads(out.read_text())
     assert (row["img_size"], row["crop_pct"], row["interpolation"]) == (48, 1.0, "bilinear")
+
+
+SHIPPED_CARD = registry.weights_dir() / "favit_b0.fashion_mnist.json"
+HAVE_SHIPPED = SHIPPED_CARD.is_file() and (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
+
+
+def eval_shipped(tmp_path, num_samples=None):
+    out = tmp_path / "shipped.json"
+    args = [
+        "-q",
+        "eval",
+        "image",
+        "--dataset",
+        "fashion_mnist",
+        "--split",
+        "test",
+        "-m",
+        "favit_b0.fashion_mnist",
+    ]
+    args += ["--pretrained", "-b", "250", "-j", "0", "--device", "cpu", "--results-file", str(out)]
+    if num_samples:
+        args += ["--num-samples", str(num_samples)]
+    assert zoo_main(args + ["--results-format", "json"]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not HAVE_SHIPPED, reason="favit_b0.fashion_mnist weights not shipped in this checkout")
+def test_shipped_favit_b0_classifies_fashion_mnist(tmp_path):
+    card = json.loads(SHIPPED_CARD.read_text())
+    row = eval_shipped(tmp_path, num_samples=1000)
+    assert row["top1"] >= 90.0 and abs(row["top1"] - card["metrics"]["top1"]) < 3.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_SHIPPED, reason="favit_b0.fashion_mnist weights not shipped in this checkout")
+def test_shipped_favit_b0_metrics_are_what_the_eval_command_measures(tmp_path):
+    card = json.loads(SHIPPED_CARD.read_text())
+    row = eval_shipped(tmp_path)
+    assert card["metrics"]["top1"] >= 93.0
+    assert (
+        abs(row["top1"] - card["metrics"]["top1"]) <= 0.05
+        and abs(row["top5"] - card["metrics"]["top5"]) <= 0.05
+    )
