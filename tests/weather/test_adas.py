@@ -99,7 +99,7 @@ def test_own_layout_round_trip(tmp_path):
 
 
 def test_osse_configs_forward_backward():
-    model = zoo.create("adas_osse_tiny", grad_checkpointing=True)
+    model = zoo.create("adas_osse_tiny", grad_checkpointing=True, residual=False)
     x = torch.randn(2, 3, 16, 32)
     m = (torch.rand_like(x) < 0.2).float()
     out = model(x, x * m, m)
@@ -112,6 +112,17 @@ def test_osse_configs_forward_backward():
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert model.token_grid == (1, 8, 16)
+
+
+def test_residual_variant_starts_from_the_background():
+    model = zoo.create("adas_osse_tiny")
+    assert model.residual
+    x = torch.randn(2, 3, 16, 32)
+    m = (torch.rand_like(x) < 0.2).float()
+    out = model(x, x * m, m)
+    torch.testing.assert_close(out, x)
+    (out - torch.randn_like(x)).abs().mean().backward()
+    assert model.recover.upper.weight.grad.abs().sum() > 0
 
 
 def test_bad_input_shape():

@@ -152,7 +152,7 @@ def tiny_adas_assimilator():
     truth = osse_state(times=3)
     layout = StateLayout.of(truth)
     norm = Normalisation.fit(layout.to_tensor(truth), layout.channel_names())
-    model = zoo.create("adas_osse_tiny")
+    model = zoo.create("adas_osse_tiny", residual=False)  # not the zero-initialised increment head
     return AdasAssimilator(model, layout, norm), truth, layout
 
 

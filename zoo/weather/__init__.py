@@ -48,6 +48,7 @@ def _adas_config(**kw: Any) -> dict[str, Any]:
         pos_embed=True,
         grad_checkpointing=False,
         fused_attention=True,
+        residual=False,
     )
     cfg.update(kw)
     return cfg
@@ -77,8 +78,9 @@ _ADAS_VARIANTS = {
             depth=4,
             num_heads=2,
             drop_path_rate=0.0,
+            residual=True,
         ),
-        "Adas for the shallow-water OSSE: geopotential, u, v at 500 hPa on 64x128",
+        "Adas for the shallow-water OSSE: geopotential, u, v at 500 hPa on 64x128 (predicts the increment)",
     ),
     "adas_osse_tiny": (
         _adas_config(
@@ -92,8 +94,9 @@ _ADAS_VARIANTS = {
             depth=2,
             num_heads=2,
             drop_path_rate=0.0,
+            residual=True,
         ),
-        "a tiny Adas (16x32) for tests and smoke runs",
+        "a tiny Adas (16x32) for tests and smoke runs (predicts the increment)",
     ),
 }
 

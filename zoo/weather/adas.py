@@ -273,6 +273,10 @@ class Adas(nn.Module):
     window_size: 3D attention window ``(levels, lat, lon)`` in tokens.
     depth: decoder blocks; num_heads: heads everywhere.
     pos_embed: learned absolute position embedding added to the three streams.
+    residual: predict the increment (``analysis = background + output``, output zero at
+        initialisation) instead of the analysis itself. Upstream predicts the analysis
+        (``False``, the published configs); the small OSSE configs use ``True`` so that short
+        trainings start from the background.
     """
 
     def __init__(
@@ -290,6 +294,7 @@ class Adas(nn.Module):
         pos_embed: bool = True,
         grad_checkpointing: bool = False,
         fused_attention: bool = True,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -338,7 +343,13 @@ class Adas(nn.Module):
             ]
         )
         self.recover = StateRecovery(surface_variables, upper_variables, patch, dim, odd)
+        self.residual = residual
         self.apply(self._init_weights)
+        if residual:  # start as the background itself
+            for m in self.recover.modules():
+                if isinstance(m, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                    nn.init.zeros_(m.weight)
+                    nn.init.zeros_(m.bias)
         self.set_grad_checkpointing(grad_checkpointing)
 
     @staticmethod
@@ -393,7 +404,8 @@ class Adas(nn.Module):
                 if self.grad_checkpointing and self.training
                 else block(x)
             )
-        return self.recover(x.movedim(-1, 1))
+        out = self.recover(x.movedim(-1, 1))
+        return out + background if self.residual else out
 
 
 def unify_mae(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

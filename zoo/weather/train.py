@@ -7,7 +7,8 @@ Follows FengWu-Adas (arXiv 2312.12462) on our shallow-water OSSE:
   ``(x_{t-6h}, x_t)``, MSE on normalised states;
 - ``adas``: as in the paper, the background of each step is the forecaster's 6-hour forecast
   from the previous *analyses* (``B`` parallel cycling streams walk through the training years;
-  a stream restarts from the truth at random times), observations are the truth plus Gaussian
+  a stream restarts from the truth at random times, on average every 4 cycles at first and
+  every ``restart_every`` cycles by the end, so the model meets small errors before large), observations are the truth plus Gaussian
   errors at a random 10%, 1% or 0.1% of grid values, loss UnifyMAE;
 - ``eval``: on the held-out year, WeatherBench2 RMSE / bias / ACC of the background, OI
   (3D-Var) and Adas at 10%, 1% and 0.1% observations, a cycling run (RMSE over time, PNG) and
@@ -308,7 +309,9 @@ def train_adas(
             for b in range(streams):
                 w, t = where[b]
                 t += 1
-                if t >= years[w].shape[0] or float(torch.rand(1, generator=gen)) < 1.0 / restart_every:
+                # curriculum: short cycles (fresh backgrounds from the truth) first, up to restart_every cycles later
+                every = 4.0 + (restart_every - 4.0) * done
+                if t >= years[w].shape[0] or float(torch.rand(1, generator=gen)) < 1.0 / every:
                     w, t = restart(b)
                     window[b] = years[w][t - 2 : t]
                 where[b] = (w, t)
