@@ -45,9 +45,9 @@ STEP = np.timedelta64(6, "h")
 
 
 def default_time_step(nlat: int, semi_implicit: bool = True) -> float:
-    """Seconds per step dividing 6 h: advective Courant number ~0.5 (semi-implicit; 900 s at T42), else gravity-wave ~0.5."""
+    """Seconds per step dividing 6 h: Courant number ~0.5 for 120 m/s winds (semi-implicit; 600 s at T42), else for gravity waves."""
     lmax = ShallowWaterConfig(nlat=nlat).resolved_lmax()
-    fastest = 80.0 if semi_implicit else math.sqrt(9.80616 * ShallowWaterConfig().mean_depth) + 80.0
+    fastest = 120.0 if semi_implicit else math.sqrt(9.80616 * ShallowWaterConfig().mean_depth) + 80.0
     limit = 0.5 * 6.37122e6 / (lmax * fastest)
     steps = math.ceil(6 * 3600 / limit)
     return 6 * 3600 / steps
