@@ -68,9 +68,9 @@ def test_corpus_files_and_tokenizer_round_trip(tiny_corpus):
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="needs the bible-kjv program")
 def test_bible_text_reads_verse_per_line():
-    from zoo.llm.corpus import read_bible
+    from zoo.llm.corpus import read_source
 
-    text = read_bible()
+    text = read_source("bible")
     assert text.startswith("Genesis 1\n1 In the beginning God created the heaven and the earth.\n")
     assert "Amen." in text[-200:] and len(text) > 4_000_000
 

@@ -2,15 +2,14 @@
 
 import gzip
 import re
-import shutil
 import struct
 
 import numpy as np
 import pytest
 import torch
 
+from zoo.datasets import KJV_BOOKS, Verse
 from zoo.text import lra
-from zoo.text.corpus import KJV_BOOKS, Verse, kjv_verses, parse_bible_output
 from zoo.text.lra import (
     KJV_DIVISIONS,
     FashionMNISTPixels,
@@ -157,25 +156,6 @@ def test_kjv_same_book_pairs():
             assert not (_origins(a) & _origins(b))
         labels.append(label)
     assert 0.35 < np.mean(labels) < 0.65
-
-
-def test_parse_bible_output_handles_headers_numbers_and_wrapping():
-    text = "\nGenesis 1\n\n  1 In the beginning.\n  2 And the earth\nwas void.\n\n1 Samuel 3\n\n  4 That the LORD called.\n"
-    verses = parse_bible_output(text)
-    assert verses == [
-        Verse(0, 1, 1, "In the beginning."),
-        Verse(0, 1, 2, "And the earth was void."),
-        Verse(KJV_BOOKS.index("1 Samuel"), 3, 4, "That the LORD called."),
-    ]
-    with pytest.raises(ValueError, match="unknown book"):
-        parse_bible_output("Hezekiah 1\n  1 x\n")
-
-
-@pytest.mark.skipif(shutil.which("bible") is None, reason="needs the Debian bible-kjv reader")
-def test_real_kjv_has_every_verse():
-    verses = kjv_verses()
-    assert len(verses) == 31102 and verses[0].text.startswith("In the beginning God created")
-    assert {v.book for v in verses} == set(range(66))
 
 
 def _write_idx(path, array, labels=False):

@@ -1,12 +1,9 @@
 """Offline WordPiece tokenizer: BERT special-token ids, pair encoding, PoNet segments from [CLS]/[SEP]."""
 
-import itertools
-
 import pytest
 import torch
 
 from zoo.layers.ponet import segment_ids_from_separators
-from zoo.text.corpus import GCIDE_PATH, gcide_paragraphs
 from zoo.text.tokenizer import SPECIAL_TOKENS, build_wordpiece_vocab, encode, load_tokenizer
 
 CORPUS = [
@@ -68,10 +65,3 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "bad.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"expected \[CLS\], \[SEP\] and \[PAD\]"):
         load_tokenizer(tmp_path / "bad.txt")
-
-
-@pytest.mark.skipif(not GCIDE_PATH.is_file(), reason="needs the Debian dict-gcide package")
-def test_gcide_text_is_readable():
-    paragraphs = list(itertools.islice(gcide_paragraphs(max_bytes=200_000), 50))
-    assert len(paragraphs) == 50 and all(isinstance(p, str) and p for p in paragraphs)
-    assert any("Webster" in p or "WordNet" in p for p in paragraphs)

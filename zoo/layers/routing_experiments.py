@@ -28,15 +28,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import json
 import math
-import os
-import re
 import shlex
-import shutil
-import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo import datasets
 from zoo.layers.gin_attention import SparseGINAdapter
 from zoo.layers.mixture_of_transformers import MoTBlock
 from zoo.layers.moe import MoE
@@ -67,8 +62,6 @@ __all__ = [
 
 log = get_logger("zoo.layers.routing")
 
-FASHION_MNIST_DIR = Path(os.environ.get("ZOO_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-GCIDE_FILE = Path("/usr/share/dictd/gcide.dict.dz")
 FASHION_CLASSES = (
     "t-shirt",
     "trouser",
@@ -86,63 +79,17 @@ FASHION_CLASSES = (
 # ----------------------------------------------------------------------------- data
 
 
-def cache_dir() -> Path:
-    """``$ZOO_CACHE/routing`` (default ``~/.cache/attnzoo/routing``): the extracted text corpora."""
-    path = Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "attnzoo")) / "routing"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def export_data(dest: str | Path, gcide_bytes: int = 12_000_000) -> Path:
-    """Copy the corpora into ``dest`` for a machine without the Debian packages.
-
-    Writes ``dest/routing/{kjv,gcide}.txt`` and ``dest/fashion-mnist/*.gz`` (about 46 MB with the
-    default ``gcide_bytes``); there, set ``ZOO_CACHE=dest`` and ``ZOO_FASHION_MNIST=dest/fashion-mnist``.
-    """
-    dest = Path(dest)
-    (dest / "routing").mkdir(parents=True, exist_ok=True)
-    (dest / "routing" / "kjv.txt").write_bytes(kjv_text())
-    (dest / "routing" / "gcide.txt").write_bytes(gcide_text(gcide_bytes))
-    (dest / "fashion-mnist").mkdir(exist_ok=True)
-    for path in sorted(FASHION_MNIST_DIR.glob("*-ubyte.gz")):
-        shutil.copyfile(path, dest / "fashion-mnist" / path.name)
-    return dest
+export_data = datasets.export  # copies the corpora and images for a machine without the Debian packages
 
 
 def kjv_text() -> bytes:
-    """The King James Bible as plain text (verse numbers stripped), cached under ``ZOO_CACHE``."""
-    cached = cache_dir() / "kjv.txt"
-    if cached.exists():
-        return cached.read_bytes()
-    program = shutil.which("bible")
-    if program is None:
-        raise FileNotFoundError(
-            "kjv_text: expected the 'bible' program of Debian's bible-kjv (apt-get install bible-kjv), got none"
-        )
-    raw = subprocess.run(
-        [program, "Gen1:1-Rev22:21"], capture_output=True, check=True, env={"COLUMNS": "80"}
-    ).stdout
-    lines = [re.sub(rb"^\s*\d+ ", b"", line).strip() for line in raw.splitlines()]
-    text = b"\n".join(line for line in lines if line) + b"\n"
-    cached.write_bytes(text)
-    return text
+    """The King James Bible as bytes: a ``Book C`` line per chapter, one verse per line, no verse numbers."""
+    return datasets.kjv_bytes(verse_numbers=False)
 
 
 def gcide_text(max_bytes: Optional[int] = None) -> bytes:
-    """GCIDE dictionary entries as plain text, source tags such as ``[1913 Webster]`` removed."""
-    cached = cache_dir() / "gcide.txt"
-    if not cached.exists():
-        if not GCIDE_FILE.exists():
-            raise FileNotFoundError(
-                f"gcide_text: expected {GCIDE_FILE} (apt-get install dict-gcide), got none"
-            )
-        raw = gzip.decompress(GCIDE_FILE.read_bytes())
-        lines = [line.rstrip() for line in raw.splitlines() if not re.match(rb"^\s*\[[^\]]*\]\s*$", line)]
-        text = b"\n".join(lines)
-        text = re.sub(rb"\n{3,}", b"\n\n", text)
-        start = text.find(b"\nA \\")  # skip the database header before the first entry
-        cached.write_bytes(text[start + 1 :] if start >= 0 else text)
-    data = cached.read_bytes()
+    """GCIDE dictionary entries as plain text (:func:`zoo.datasets.gcide_text`), the first ``max_bytes``."""
+    data = datasets.gcide_text().encode("utf-8")
     return data if max_bytes is None else data[:max_bytes]
 
 
@@ -156,21 +103,9 @@ def split_bytes(data: bytes, val_every: int = 20, block: int = 8192) -> tuple[to
 
 
 def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[N, 28, 28]`` uint8 and labels ``[N]`` from the gzipped IDX files."""
-    prefix = {"train": "train", "test": "t10k"}[split]
-
-    def read(name: str) -> torch.Tensor:
-        path = FASHION_MNIST_DIR / name
-        if not path.exists():
-            raise FileNotFoundError(
-                f"fashion_mnist: expected {path} (apt-get install dataset-fashion-mnist), got none"
-            )
-        raw = gzip.decompress(path.read_bytes())
-        ndim = raw[3]
-        shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-        return torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8).view(*shape)
-
-    return read(f"{prefix}-images-idx3-ubyte.gz"), read(f"{prefix}-labels-idx1-ubyte.gz").long()
+    """Images ``[N, 28, 28]`` uint8 and labels ``[N]`` int64 (:func:`zoo.datasets.fashion_mnist`)."""
+    images, labels = datasets.fashion_mnist(split)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
 
 def random_windows(data: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo import datasets
 from zoo.layers.sea import SEAAttention, sea_distillation_loss
 from zoo.progress import get_logger
 
@@ -56,16 +55,12 @@ log = get_logger("zoo.layers.sea_distill")
 
 
 # ----------------------------------------------------------------------------- data
-def _cache_dir() -> Path:
-    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "attnzoo"))
-
-
 def load_text_corpus(path: str | os.PathLike | None = None) -> bytes:
     """Offline English text as bytes.
 
-    ``path`` if given; else the cached King James Bible (``$ZOO_CACHE/text/kjv.txt``), written on
-    first use from the Debian ``bible-kjv-text`` package through its ``bible`` reader; else the
-    GCIDE dictionary (``dict-gcide``). Raises FileNotFoundError naming the packages otherwise.
+    ``path`` if given; else the King James Bible (:func:`zoo.datasets.kjv_bytes`, from the Debian
+    ``bible-kjv-text`` package, cached); else the GCIDE dictionary (:func:`zoo.datasets.gcide_text`,
+    ``dict-gcide``). Raises FileNotFoundError naming the packages otherwise.
     """
     if path is not None:
         p = Path(path)
@@ -75,27 +70,16 @@ def load_text_corpus(path: str | os.PathLike | None = None) -> bytes:
         if len(data) < 10_000:
             raise ValueError(f"text: {p} has {len(data)} bytes; need at least 10000")
         return data
-    cached = _cache_dir() / "text" / "kjv.txt"
-    if cached.is_file():
-        return cached.read_bytes()
-    reader = shutil.which("bible")
-    if reader is not None and Path("/usr/lib/bible.data").exists():
-        text = subprocess.run(
-            [reader, "Gen1:1-Rev22:21"], capture_output=True, check=True, timeout=300
-        ).stdout
-        if len(text) > 1_000_000:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_bytes(text)
-            return text
-    gcide = Path("/usr/share/dictd/gcide.dict.dz")
-    if gcide.is_file():
-        import gzip
-
-        return gzip.decompress(gcide.read_bytes())
-    raise FileNotFoundError(
-        "text: no offline corpus found; install the Debian package bible-kjv-text (or dict-gcide), "
-        "or pass a text file"
-    )
+    try:
+        return datasets.kjv_bytes()
+    except FileNotFoundError as no_kjv:
+        try:
+            return datasets.gcide_text().encode("utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                "text: no offline corpus found; install the Debian package bible-kjv-text (or dict-gcide), "
+                "or pass a text file"
+            ) from no_kjv
 
 
 def byte_batches(data: Tensor, batch: int, length: int, generator: torch.Generator) -> Tensor:

@@ -1,13 +1,12 @@
 """Offline English text, our own byte-level BPE tokenizer, and token files for LM training.
 
-Sources (Debian packages, nothing from a hub):
+Sources (Debian packages, nothing from a hub; read by :mod:`zoo.datasets`):
 
-- ``bible``: the King James Bible (``bible-kjv-text``), read through the ``bible`` program of
-  ``bible-kjv`` (the text ships compressed in its own format), about 4.3 MB;
-- ``gcide``: the GNU Collaborative International Dictionary of English (``dict-gcide``,
-  ``/usr/share/dictd/gcide.dict.dz``, gzip-compatible), cleaned of editorial markers, about
-  30 MB;
-- ``jargon``: the Jargon File (``jargon-text``, ``/usr/share/doc/jargon-text/jargon.txt.gz``).
+- ``bible``: the King James Bible (``bible-kjv-text`` through the ``bible`` program of
+  ``bible-kjv``), chapter headings and one numbered verse per line, about 4.2 MB;
+- ``gcide``: the GNU Collaborative International Dictionary of English (``dict-gcide``),
+  cleaned of editorial markers, about 31 MB;
+- ``jargon``: the Jargon File (``jargon-text``).
 
 ``build_corpus`` cleans each source, holds out the last ``val_fraction`` of each as validation
 text (contiguous, so long validation windows exist), trains a byte-level BPE
@@ -21,16 +20,13 @@ byte-level as GPT-2) with the ``tokenizers`` library on the training text only, 
 
 from __future__ import annotations
 
-import gzip
 import json
-import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from zoo.datasets import clean_gcide, gcide_text, jargon_text, kjv_text
 from zoo.progress import get_logger
 
 __all__ = [
@@ -43,71 +39,10 @@ __all__ = [
     "train_tokenizer",
 ]
 
-GCIDE_PATH = Path("/usr/share/dictd/gcide.dict.dz")
-JARGON_PATH = Path("/usr/share/doc/jargon-text/jargon.txt.gz")
 log = get_logger("zoo.llm.corpus")
 
 
-def read_bible() -> str:
-    """The King James Bible, one verse per line, with book/chapter headings."""
-    program = shutil.which("bible")
-    if program is None:
-        raise FileNotFoundError(
-            "bible: the King James text needs the `bible` program (Debian packages bible-kjv and bible-kjv-text)"
-        )
-    text = subprocess.run([program, "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
-    # the program wraps verses at the terminal width: join continuation lines to their verse
-    lines: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            continue
-        if re.match(r"^\d+ ", stripped) or not lines or re.match(r"^[1-3A-Z][A-Za-z ]* \d+$", stripped):
-            lines.append(stripped)
-        else:
-            lines[-1] += " " + stripped
-    return "\n".join(lines) + "\n"
-
-
-_GCIDE_MARKER = r"\[(?:1913 Webster|WordNet[^\]]*|PJC|Century[^\]]*|Webster[^\]]*|RHD|JEB|MW[^\]]*)\]"
-_GCIDE_DROP = re.compile(rf"^\s*{_GCIDE_MARKER}\s*$")
-
-
-def clean_gcide(raw: str) -> str:
-    """Dictionary entries as paragraphs: editorial markers and the database header removed,
-    wrapped lines joined, ``{cross references}`` unbraced."""
-    start = raw.find("\nA \\")
-    body = raw[start + 1 :] if start >= 0 else raw
-    paragraphs: list[str] = []
-    current: list[str] = []
-    for line in body.splitlines():
-        if _GCIDE_DROP.match(line):
-            continue
-        if not line.strip():
-            if current:
-                paragraphs.append(" ".join(current))
-                current = []
-            continue
-        current.append(line.strip())
-    if current:
-        paragraphs.append(" ".join(current))
-    text = "\n".join(p for p in paragraphs if not p.startswith(("Begin file", "00-database")))
-    text = re.sub(rf" ?{_GCIDE_MARKER}", "", text)
-    return text.replace("{", "").replace("}", "") + "\n"
-
-
-def read_gcide(path: Path = GCIDE_PATH) -> str:
-    with gzip.open(path, "rb") as f:
-        return clean_gcide(f.read().decode("utf-8", errors="replace"))
-
-
-def read_jargon(path: Path = JARGON_PATH) -> str:
-    with gzip.open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    return re.sub(r"\n{3,}", "\n\n", text)
-
-
-SOURCES: dict[str, Callable[[], str]] = {"bible": read_bible, "gcide": read_gcide, "jargon": read_jargon}
+SOURCES: dict[str, Callable[[], str]] = {"bible": kjv_text, "gcide": gcide_text, "jargon": jargon_text}
 
 
 def read_source(name: str) -> str:

@@ -23,11 +23,9 @@ under ``$ZOO_CACHE/text`` (default ``~/.cache/attnzoo/text``).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import random
-import struct
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,8 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from zoo.datasets import FASHION_MNIST_DIR, KJV_BOOKS, Verse, fashion_mnist, fashion_mnist_dir, kjv_verses
 from zoo.progress import get_logger
-from zoo.text.corpus import KJV_BOOKS, Verse, cache_dir, kjv_verses
+from zoo.text.corpus import cache_dir
 
 __all__ = [
     "TASKS",
@@ -323,20 +322,6 @@ class ListOps(LRATask):
 
 # ----------------------------------------------------------------------------- image
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    magic, count = struct.unpack(">II", data[:8])
-    if magic == 2051:
-        rows, cols = struct.unpack(">II", data[8:16])
-        return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows * cols)
-    if magic == 2049:
-        return np.frombuffer(data, dtype=np.uint8, offset=8).astype(np.int64)
-    raise ValueError(f"Fashion-MNIST: {path} is not an IDX image or label file (magic {magic})")
-
 
 class ArrayTokens(Dataset):
     def __init__(self, tokens: np.ndarray, labels: np.ndarray):
@@ -371,32 +356,31 @@ class FashionMNISTPixels(LRATask):
     model = "ponet_lra_image"
 
     def __init__(self, data_dir: str | Path | None = None, num_val: int = 5000) -> None:
-        self.data_dir = Path(data_dir or os.environ.get("ZOO_FASHION_MNIST") or FASHION_MNIST_DIR)
+        self.data_dir = fashion_mnist_dir(data_dir)
         self.num_val = num_val
         self._arrays: dict[str, np.ndarray] | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self._arrays is not None:
             return self._arrays
-        names = {
-            "train_x": "train-images-idx3-ubyte.gz",
-            "train_y": "train-labels-idx1-ubyte.gz",
-            "test_x": "t10k-images-idx3-ubyte.gz",
-            "test_y": "t10k-labels-idx1-ubyte.gz",
-        }
         default_source = self.data_dir.resolve() == FASHION_MNIST_DIR.resolve()
         cached = cache_dir() / "fashion_mnist.npz"  # only ever a copy of the default source
-        missing = [n for n in names.values() if not (self.data_dir / n).is_file()]
-        if missing and default_source and cached.is_file():
-            with np.load(cached) as f:
-                self._arrays = {k: f[k] for k in f.files}
-            return self._arrays
-        if missing:
-            raise FileNotFoundError(
-                f"Fashion-MNIST: {self.data_dir} lacks {missing}; install the Debian package "
-                f"dataset-fashion-mnist, pass data_dir, or copy fashion_mnist.npz into {cache_dir()}"
+        try:
+            (train_x, train_y), (test_x, test_y) = (
+                fashion_mnist(s, self.data_dir) for s in ("train", "test")
             )
-        self._arrays = {k: _read_idx(self.data_dir / n) for k, n in names.items()}
+        except FileNotFoundError as missing:
+            if default_source and cached.is_file():
+                with np.load(cached) as f:
+                    self._arrays = {k: f[k] for k in f.files}
+                return self._arrays
+            raise FileNotFoundError(f"{missing}, or copy fashion_mnist.npz into {cache_dir()}") from None
+        self._arrays = {
+            "train_x": train_x.reshape(len(train_x), -1),
+            "train_y": train_y,
+            "test_x": test_x.reshape(len(test_x), -1),
+            "test_y": test_y,
+        }
         if default_source and not cached.is_file():
             np.savez(cached, **self._arrays)
         return self._arrays
@@ -542,7 +526,7 @@ class KJVDivisions(LRATask):
     may overlap. Differences from LRA: other text and labels (topic and style rather than
     sentiment), 6 balanced classes, and examples made on demand (``num_train`` of them).
 
-    Source: :func:`zoo.text.corpus.kjv_verses` (Debian ``bible-kjv``; cached).
+    Source: :func:`zoo.datasets.kjv_verses` (Debian ``bible-kjv``; cached).
     """
 
     name = "text"

@@ -6,7 +6,7 @@ stripping, splitting on whitespace and punctuation, greedy longest-match WordPie
 
 Without a network we cannot fetch ``bert-base-uncased``'s vocabulary, so we build our own
 with the ``tokenizers`` package's WordPiece trainer from offline English text (GCIDE
-dictionary definitions and, when available, the King James Bible; see ``zoo.text.corpus``)
+dictionary definitions and, when available, the King James Bible; see ``zoo.datasets``)
 and cache it as ``$ZOO_CACHE/text/wordpiece-uncased-<size>/vocab.txt``. The special tokens
 take BERT's ids (``[PAD]`` 0, ``[unused0..98]`` 1-99, ``[UNK]`` 100, ``[CLS]`` 101, ``[SEP]``
 102, ``[MASK]`` 103), which PoNet's segment split relies on (101/102). Our pieces after id
@@ -23,8 +23,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from zoo.datasets import gcide_paragraphs, kjv_verses
 from zoo.progress import get_logger
-from zoo.text.corpus import cache_dir, gcide_paragraphs, kjv_verses
+from zoo.text.corpus import cache_dir
 
 __all__ = [
     "SPECIAL_TOKENS",

@@ -2,9 +2,9 @@
 
 Fashion-MNIST (Xiao, Rasul, Vollgraf, "Fashion-MNIST: a Novel Image Dataset for Benchmarking
 Machine Learning Algorithms", arXiv 1708.07747): 60k train / 10k test grey 28x28 images of 10
-clothing classes, read from the gzipped IDX files of the Debian package
-``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). Images come out as PIL
-images (RGB by default, the grey value repeated) so timm's transforms apply unchanged.
+clothing classes, read by :func:`zoo.datasets.fashion_mnist` from the gzipped IDX files of the
+Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). Images come out
+as PIL images (RGB by default, the grey value repeated) so timm's transforms apply unchanged.
 
 Everything else goes through ``timm.data.create_dataset`` (ImageFolder / ImageTar trees,
 ``root/<split>/<class>/<image>``), exactly as timm's validate.py and train.py read it.
@@ -12,14 +12,13 @@ Everything else goes through ``timm.data.create_dataset`` (ImageFolder / ImageTa
 
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
+
+from zoo.datasets import FASHION_MNIST_DIR, FASHION_MNIST_FILES, fashion_mnist, fashion_mnist_dir, read_idx
 
 __all__ = [
     "DATASET_DEFAULTS",
@@ -32,7 +31,6 @@ __all__ = [
     "read_idx",
 ]
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -45,10 +43,6 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
-_FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
 _SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "val": "test", "validation": "test"}
 _DATASET_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist", "fmnist")
 
@@ -64,36 +58,6 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (``.gz`` or raw): big-endian header ``0, 0, dtype, ndim``, ndim sizes, data."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"read_idx: {path} is not an IDX file (header {raw[:4]!r})")
-    ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = int(np.prod(shape)) if shape else 0
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=4 + 4 * ndim)
-    if data.size != count:
-        raise ValueError(f"read_idx: {path} holds {data.size} values, its header says {shape}")
-    return data.reshape(shape).astype(dtype.newbyteorder("="), copy=False)
-
-
-def _find(root: Path, stem: str) -> Path:
-    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
-        if (root / name).is_file():
-            return root / name
-    raise FileNotFoundError(
-        f"Fashion-MNIST: no {stem}[.gz] under {root} (install the Debian package dataset-fashion-mnist "
-        "or pass the folder holding the IDX files)"
-    )
-
 
 def is_fashion_mnist(name: str = "", root: Optional[str | os.PathLike] = None) -> bool:
     """Whether ``--dataset`` names Fashion-MNIST, or ``root`` is a folder of its IDX files."""
@@ -102,7 +66,7 @@ def is_fashion_mnist(name: str = "", root: Optional[str | os.PathLike] = None) -
     if root is None:
         return False
     root = Path(root)
-    return any((root / (_FASHION_MNIST_FILES["test"][0] + ext)).is_file() for ext in (".gz", ""))
+    return any((root / (FASHION_MNIST_FILES["test"][0] + ext)).is_file() for ext in (".gz", ""))
 
 
 class FashionMNIST(torch.utils.data.Dataset):
@@ -111,7 +75,8 @@ class FashionMNIST(torch.utils.data.Dataset):
     Parameters
     ----------
     root:
-        Folder of the four IDX files (default ``/usr/share/datasets/fashion-mnist``).
+        Folder of the four IDX files (default ``$ZOO_FASHION_MNIST``, else
+        ``/usr/share/datasets/fashion-mnist``).
     split:
         ``train`` or ``test`` (``validation`` and ``val`` mean ``test``).
     img_mode:
@@ -136,15 +101,9 @@ class FashionMNIST(torch.utils.data.Dataset):
             raise ValueError(f"split: expected one of {sorted(_SPLIT_ALIASES)}, got {split!r}")
         if img_mode not in ("RGB", "L"):
             raise ValueError(f"img_mode: expected 'RGB' or 'L', got {img_mode!r}")
-        self.root = Path(root) if root else FASHION_MNIST_DIR
+        self.root = fashion_mnist_dir(root)
         self.split = key
-        images_file, labels_file = _FASHION_MNIST_FILES[key]
-        images = read_idx(_find(self.root, images_file))
-        labels = read_idx(_find(self.root, labels_file)).astype(np.int64)
-        if images.ndim != 3 or labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"Fashion-MNIST: images {images.shape} and labels {labels.shape} under {self.root} do not match"
-            )
+        images, labels = fashion_mnist(key, self.root)
         if num_samples is not None:
             images, labels = images[:num_samples], labels[:num_samples]
         self.images = images

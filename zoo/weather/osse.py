@@ -14,12 +14,12 @@ from persistence (the truth 6 hours earlier), and says which in its attributes.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from zoo import datasets
 from zoo.weather.grid import StateLayout
 from zoo.weather.nature_run import OSSE_LAYOUT_VARIABLES, generate_nature_run, nature_run_path
 from zoo.weather.shallow_water import wb2_latitudes, wb2_longitudes
@@ -44,7 +44,8 @@ OBSERVATION_ERROR_STD = {"geopotential": 20.0, "u_component_of_wind": 1.0, "v_co
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ZOO_CACHE", Path.home() / ".cache" / "attnzoo")) / "weather"
+    """``$ZOO_CACHE/weather`` (default ``~/.cache/attnzoo/weather``), created on demand."""
+    return datasets.cache_dir("weather")
 
 
 def osse_layout(nlat: int = 64, nlon: int = 128) -> StateLayout:
