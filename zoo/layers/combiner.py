@@ -39,37 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.layers.checks import check_qkv
+
 __all__ = ["CombinerAttention", "combiner_attention", "combiner_attention_reference", "combiner_regions"]
 
 Variant = Literal["fixed", "logsparse", "axial", "mixture"]
 VARIANTS = ("fixed", "logsparse", "axial", "mixture")
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, fn: str) -> tuple[int, int, int]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be (B, H, N, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{fn}: {name} must be floating point, got {t.dtype}")
-    B, H, N, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{fn}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[-1] != D:
-        raise ValueError(f"{fn}: k head dim must equal q's ({D}), got {k.shape[-1]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"{fn}: k and v must agree in (B, Hkv, N), got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if k.shape[2] != N:
-        raise ValueError(f"{fn}: self-attention needs k and q of equal length, got N={N} and {k.shape[2]}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    if N == 0:
-        raise ValueError(f"{fn}: q must have at least one position, got N=0")
-    return H, Hkv, N
 
 
 def _check_options(variant: str, segment_len: int | None, causal: bool, fn: str) -> None:
@@ -155,7 +130,7 @@ def combiner_attention_reference(
     scale: float | None = None,
 ) -> Tensor:
     """One query at a time in fp64 from ``combiner_regions``; small N only."""
-    H, Hkv, N = _check_qkv(q, k, v, "combiner_attention_reference")
+    H, Hkv, N = check_qkv(q, k, v, "combiner_attention_reference")
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
     q64 = q.double()
@@ -429,7 +404,7 @@ def combiner_attention(
     log-normaliser carries no gradient.
     """
     fn = "combiner_attention"
-    H, Hkv, N = _check_qkv(q, k, v, fn)
+    H, Hkv, N = check_qkv(q, k, v, fn)
     _check_options(variant, segment_len, causal, fn)
     if backend not in ("auto", "kernel", "torch"):
         raise ValueError(f"{fn}: backend must be 'auto', 'kernel' or 'torch', got {backend!r}")

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.layers.checks import check_qkv
+
 __all__ = [
     "ScatterbrainAttention",
     "default_num_features",
@@ -52,35 +54,7 @@ SparseKind = Literal["lsh", "local"]
 Mode = Literal["scatterbrain", "sparse", "lowrank"]
 
 
-# ----------------------------------------------------------------------------- input checks
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, fn: str) -> tuple[int, int, int]:
-    """Return (H, Hkv, N) after checking the shapes; raise one ValueError naming the argument."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be (B, H, N, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{fn}: {name} must be floating point, got {t.dtype}")
-    B, H, N, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{fn}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[-1] != D:
-        raise ValueError(f"{fn}: k head dim must equal q's ({D}), got {k.shape[-1]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"{fn}: k and v must agree in (B, Hkv, N), got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if k.shape[2] != N:
-        raise ValueError(f"{fn}: self-attention needs k and q of equal length, got N={N} and {k.shape[2]}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    if N == 0:
-        raise ValueError(f"{fn}: q must have at least one position, got N=0")
-    return H, Hkv, N
-
-
+# ----------------------------------------------------------------------------- grouped heads
 def _group(q: Tensor, hkv: int) -> Tensor:
     """(B, H, N, D) -> (B, Hkv, G, N, D) view: query heads grouped under their KV head."""
     B, H, N, D = q.shape
@@ -167,7 +141,7 @@ def performer_attention(
     scale: float | None = None,
 ) -> Tensor:
     """FAVOR+ (Performer) attention, GQA aware: the low-rank part of Scatterbrain on its own."""
-    H, Hkv, N = _check_qkv(q, k, v, "performer_attention")
+    H, Hkv, N = check_qkv(q, k, v, "performer_attention")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = q.dtype
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -297,7 +271,7 @@ def scatterbrain_support_mask(
     hash_vectors: Tensor | None = None,
 ) -> Tensor:
     """The dense boolean support M, (B, H, N, N), exactly as the fast path builds it (small N only)."""
-    H, Hkv, N = _check_qkv(q, k, k, "scatterbrain_support_mask")
+    H, Hkv, N = check_qkv(q, k, k, "scatterbrain_support_mask")
     B = q.shape[0]
     qg = _group(q, Hkv)
     mask = torch.zeros(B, Hkv, H // Hkv, N + 1, N + 1, dtype=torch.bool, device=q.device)
@@ -359,7 +333,7 @@ def scatterbrain_attention(
     Returns (B, H, N, Dv) in q's dtype; rows without any visible key are 0.
     """
     fn = "scatterbrain_attention"
-    H, Hkv, N = _check_qkv(q, k, v, fn)
+    H, Hkv, N = check_qkv(q, k, v, fn)
     _validate_options(sparse, window, n_hashes, mode, fn)
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
@@ -462,7 +436,7 @@ def scatterbrain_attention_reference(
     return_matrix: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dense fp64 Scatterbrain: forms exp(sQK^T), phi(Q)phi(K)^T and the support (B, H, N, N) explicitly."""
-    H, Hkv, N = _check_qkv(q, k, v, "scatterbrain_attention_reference")
+    H, Hkv, N = check_qkv(q, k, v, "scatterbrain_attention_reference")
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
     q64 = q.double()

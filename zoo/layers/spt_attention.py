@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.layers.checks import check_qkv
+
 __all__ = [
     "PQSparseAttention",
     "build_codebook",
@@ -36,33 +38,6 @@ __all__ = [
     "pq_sparse_attention",
     "pq_sparse_attention_reference",
 ]
-
-
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, fn: str) -> tuple[int, int, int]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be (B, H, N, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{fn}: {name} must be floating point, got {t.dtype}")
-    B, H, N, D = q.shape
-    if k.shape[0] != B or v.shape[0] != B:
-        raise ValueError(f"{fn}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[-1] != D:
-        raise ValueError(f"{fn}: k head dim must equal q's ({D}), got {k.shape[-1]}")
-    if k.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"{fn}: k and v must agree in (B, Hkv, N), got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if k.shape[2] != N:
-        raise ValueError(f"{fn}: self-attention needs k and q of equal length, got N={N} and {k.shape[2]}")
-    Hkv = k.shape[1]
-    if Hkv == 0 or H % Hkv != 0:
-        raise ValueError(f"{fn}: q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    if N == 0:
-        raise ValueError(f"{fn}: q must have at least one position, got N=0")
-    return H, Hkv, N
 
 
 def _split_subspaces(z: Tensor, n_subspaces: int, d_codeword: int) -> Tensor:
@@ -167,7 +142,7 @@ def pq_sparse_attention(
     ``return_indices`` also the kept key positions (B, H, N, k') and their validity mask.
     """
     fn = "pq_sparse_attention"
-    H, Hkv, N = _check_qkv(q, k, v, fn)
+    H, Hkv, N = check_qkv(q, k, v, fn)
     _check_options(top_k, logit_clamp, fn)
     D = q.shape[-1]
     if codebook is None:
@@ -232,7 +207,7 @@ def pq_sparse_attention_reference(
     logit_clamp: float | None = 10.0,
 ) -> Tensor:
     """Dense fp64 attention with clamped logits restricted to a boolean keep mask (B, H, N, N)."""
-    H, Hkv, N = _check_qkv(q, k, v, "pq_sparse_attention_reference")
+    H, Hkv, N = check_qkv(q, k, v, "pq_sparse_attention_reference")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k64 = k.double().repeat_interleave(H // Hkv, 1)
     v64 = v.double().repeat_interleave(H // Hkv, 1)
