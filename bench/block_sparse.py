@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from zoo.kernels import BlockSparseMask, block_sparse_attention  # noqa: E402
+from zoo.timing import first_call_s, median_ms  # noqa: E402
 
 BLOCK = 128
 TARGET_FWD_RATIO = 0.85  # of SDPA forward TFLOP/s, on computed blocks, N >= 32k
@@ -77,47 +78,28 @@ def realistic_blocks(
 
 
 # ----------------------------------------------------------------------------- timing
-def cuda_time_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    """Median of ``reps`` CUDA-event timings after ``warmup`` calls (host clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def fwd_bwd_times(
-    forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], warmup: int, reps: int
-) -> tuple[float, float, float]:
-    """(first call seconds, forward ms, backward ms); backward replays a retained graph."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    t0 = time.perf_counter()
-    out = forward()
-    sync()
-    first = time.perf_counter() - t0
+    forward: Callable[[], torch.Tensor],
+    leaves: list[torch.Tensor],
+    warmup: int,
+    reps: int,
+    backward: bool = True,
+) -> tuple[float, float, float | None]:
+    """(first call seconds, forward ms, backward ms or None); backward replays a retained graph."""
+    first = first_call_s(forward)
     with torch.no_grad():
-        fwd_ms = cuda_time_ms(forward, warmup, reps)
+        fwd_ms = median_ms(forward, warmup, reps)
+    if not backward:
+        return first, fwd_ms, None
     out = forward()
     grad = torch.randn_like(out)
 
-    def backward() -> None:
+    def run_backward() -> None:
         for leaf in leaves:
             leaf.grad = None
         out.backward(grad, retain_graph=True)
 
-    bwd_ms = cuda_time_ms(backward, warmup, reps)
+    bwd_ms = median_ms(run_backward, warmup, reps)
     for leaf in leaves:
         leaf.grad = None
     return first, fwd_ms, bwd_ms
@@ -271,17 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ours = partial(block_sparse_attention, q, kv[0], kv[1], mask, causal=True)
 
                 try:
+                    first, fwd_ms, bwd_ms = fwd_bwd_times(ours, [q, *kv], warmup, reps, backward=not skip_bwd)
                     if skip_bwd:
-                        t0 = time.perf_counter()
-                        ours()
-                        torch.cuda.synchronize() if cuda else None
-                        first = time.perf_counter() - t0
-                        with torch.no_grad():
-                            fwd_ms = cuda_time_ms(ours, warmup, reps)
-                        bwd_ms = None
                         row["note"] = "backward skipped at this size to fit the time budget"
-                    else:
-                        first, fwd_ms, bwd_ms = fwd_bwd_times(ours, [q, *kv], warmup, reps)
                     row.update(
                         ours_first_call_s=first,
                         ours_fwd_ms=fwd_ms,
@@ -303,16 +277,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                         flex_call = partial(flex.run, q, kv[0], kv[1], block_mask, kv_heads != heads)
 
-                        if skip_bwd:
-                            t0 = time.perf_counter()
-                            flex_call()
-                            torch.cuda.synchronize()
-                            first = time.perf_counter() - t0
-                            with torch.no_grad():
-                                fwd_ms = cuda_time_ms(flex_call, warmup, reps)
-                            bwd_ms = None
-                        else:
-                            first, fwd_ms, bwd_ms = fwd_bwd_times(flex_call, [q, *kv], warmup, reps)
+                        first, fwd_ms, bwd_ms = fwd_bwd_times(
+                            flex_call, [q, *kv], warmup, reps, backward=not skip_bwd
+                        )
                         row.update(
                             flex_first_call_s=first,
                             flex_fwd_ms=fwd_ms,

@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
 from zoo.kernels import block_sparse_attention  # noqa: E402
 from zoo.layers import MInference, PBSAttention, XAttention  # noqa: E402
 from zoo.llm.harness import synthetic_qkv  # noqa: E402
+from zoo.timing import first_call_s, median_ms  # noqa: E402
 
 METHODS: dict[str, Callable[[], torch.nn.Module]] = {
     "xattention": lambda: XAttention(block_size=128, stride=8, threshold=0.9),
@@ -57,36 +58,6 @@ METHODS: dict[str, Callable[[], torch.nn.Module]] = {
     "minference_a_shape": lambda: MInference("a_shape"),
     "minference_block_sparse": lambda: MInference("block_sparse"),
 }
-
-
-def timed_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    """Median of ``reps`` timings after ``warmup`` calls (CUDA events on the GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def first_call_s(fn: Callable[[], Any]) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
 
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable[[], torch.Tensor], str]:
@@ -131,12 +102,12 @@ def measure(
         mask = layer.estimate(q, k, causal=True)
         row["density"] = mask.density(causal=True)
         row["first_call_s"] = first_call_s(lambda: block_sparse_attention(q, k, v, mask, causal=True))
-        row["estimate_ms"] = timed_ms(lambda: layer.estimate(q, k, causal=True), warmup, reps)
-        row["kernel_ms"] = timed_ms(lambda: block_sparse_attention(q, k, v, mask, causal=True), warmup, reps)
+        row["estimate_ms"] = median_ms(lambda: layer.estimate(q, k, causal=True), warmup, reps)
+        row["kernel_ms"] = median_ms(lambda: block_sparse_attention(q, k, v, mask, causal=True), warmup, reps)
         if isinstance(layer, PBSAttention):
-            row["permutation_ms"] = timed_ms(lambda: layer.key_permutation(q, k), warmup, reps)
+            row["permutation_ms"] = median_ms(lambda: layer.key_permutation(q, k), warmup, reps)
         if isinstance(layer, XAttention):
-            row["scoring_ms"] = timed_ms(lambda: layer.block_scores(q, k), warmup, reps)
+            row["scoring_ms"] = median_ms(lambda: layer.block_scores(q, k), warmup, reps)
     except (RuntimeError, ValueError) as err:  # out of memory or a kernel limit: record and go on
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
         return row
@@ -162,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seq_len, args.heads, args.kv_heads, args.head_dim, seed=seq_len, dtype=dtype, device=device
         )
         dense, how = dense_sdpa(q, k, v)
-        dense_ms = timed_ms(dense, warmup, reps)
+        dense_ms = median_ms(dense, warmup, reps)
         dense_rows[seq_len] = {"seq_len": seq_len, "dense_sdpa_ms": dense_ms, "sdpa": how}
         print(f"N={seq_len}: dense SDPA ({how}) {dense_ms:.2f} ms", flush=True)
         free()

@@ -151,6 +151,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_script(name: str, argv: Sequence[str] | None) -> int:
+    """Run ``main(argv)`` of ``bench/<name>.py`` from the source checkout (``zoo bench`` sub-commands).
+
+    ``argv`` is what followed the sub-command; a leading ``--`` is dropped.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"bench {name}: {script} ships with the source checkout, not the installed package"
+        )
+    spec = importlib.util.spec_from_file_location(f"zoo_bench_{name}", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    argv = list(argv or [])
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    return int(module.main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
 

@@ -8,25 +8,12 @@ time; the work imports live in the handlers.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-
-def _bench_script() -> Path:
-    return Path(__file__).resolve().parents[2] / "bench" / "block_sparse.py"
 
 
 def cmd_bench_block_sparse(args: argparse.Namespace) -> int:
-    import importlib.util
+    from zoo.cli import run_bench_script
 
-    script = _bench_script()
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"{script}: the benchmark ships with the source checkout, not the installed package"
-        )
-    spec = importlib.util.spec_from_file_location("zoo_bench_block_sparse", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return int(module.main(list(args.bench_args)) or 0)
+    return run_bench_script("block_sparse", args.bench_args)
 
 
 def register(top: argparse._SubParsersAction, groups: dict) -> None:

@@ -330,6 +330,13 @@ class SEAAttention(nn.Module):
                     p.copy_(b)
 
     # ------------------------------------------------------------------ core
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Heads of ``x`` (B, N, C): q (B, H, N, hd), k and v (B, Hkv, N, hd)."""
+        B, N, _ = x.shape
+        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x).view(B, N, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
     def estimate(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Estimated compressed attention scores (B, H, N, T) and predictor features (B, H, N, 2d)."""
         B, H, N, hd = q.shape
@@ -438,8 +445,7 @@ class SEAAttention(nn.Module):
                 f"SEAAttention: x must be (B, N, {self.q_proj.in_features}), got {tuple(x.shape)}"
             )
         B, N, C = x.shape
-        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv_proj(x).view(B, N, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.project_qkv(x)
         details = self.attend(q, k, v, return_details=True) if return_details else None
         out = details.output if details is not None else self.attend(q, k, v)
         ctx = out.transpose(1, 2).reshape(B, N, C)

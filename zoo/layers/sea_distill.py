@@ -287,8 +287,7 @@ def distill_step_losses(student: ByteLM, teacher: ByteLM, tokens: Tensor) -> tup
         h = block.norm1(x)
         sea: SEAAttention = block.attn
         B, N, C = h.shape
-        q = sea.q_proj(h).view(B, N, sea.num_heads, sea.head_dim).transpose(1, 2)
-        k, v = sea.kv_proj(h).view(B, N, 2, sea.num_kv_heads, sea.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = sea.project_qkv(h)
         d = sea.attend(q, k, v, return_details=True)
         ctx = d.output.transpose(1, 2).reshape(B, N, C)
         if sea.output_norm is not None:
@@ -504,9 +503,7 @@ def _mean_kept(student: ByteLM, data: Tensor, length: int, device) -> float:
     for block in student.blocks:
         h = block.norm1(x)
         sea: SEAAttention = block.attn
-        B, N, C = h.shape
-        q = sea.q_proj(h).view(B, N, sea.num_heads, sea.head_dim).transpose(1, 2)
-        k, v = sea.kv_proj(h).view(B, N, 2, sea.num_kv_heads, sea.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = sea.project_qkv(h)
         kept.append(sea.attend(q, k, v, return_details=True).kept_keys.float().mean().item())
         x = block(x)
     return sum(kept) / len(kept)

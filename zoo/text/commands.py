@@ -92,22 +92,9 @@ def _eval_text(args: argparse.Namespace) -> int:
 
 
 def _bench_ponet(args: argparse.Namespace) -> int:
-    import importlib.util
-    from pathlib import Path
+    from zoo.cli import run_bench_script
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "ponet.py"
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"bench ponet: {script} is not part of this installation (run from a checkout)"
-        )
-    spec = importlib.util.spec_from_file_location("zoo_bench_ponet", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    bench_args = list(args.bench_args or [])
-    if bench_args[:1] == ["--"]:
-        bench_args = bench_args[1:]
-    return module.main(bench_args)
+    return run_bench_script("ponet", args.bench_args)
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -24,20 +24,9 @@ def _train_image(args: argparse.Namespace) -> int:
 
 
 def _bench_vision(args: argparse.Namespace) -> int:
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from zoo.cli import run_bench_script
 
-    script = Path(__file__).resolve().parents[2] / "bench" / "vision.py"
-    if not script.is_file():
-        raise FileNotFoundError(
-            f"bench vision: {script} is not part of this installation (run from a checkout)"
-        )
-    spec = importlib.util.spec_from_file_location("zoo_bench_vision", script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.main(args.bench_args)
+    return run_bench_script("vision", args.bench_args)
 
 
 def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubParsersAction]) -> None:

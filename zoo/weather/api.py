@@ -173,8 +173,10 @@ def _sidecar(checkpoint: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_assimilator(name_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> AdasAssimilator:
-    """An :class:`AdasAssimilator` from a trained checkpoint (``.safetensors`` + ``.json``) or a shipped ``arch.tag``."""
+def _model_and_meta(
+    name_or_checkpoint: str | Path, train_hint: str
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model and its metadata (layout, normalisation) from a checkpoint with its ``.json`` or a shipped ``arch.tag``."""
     import zoo
 
     path = Path(str(name_or_checkpoint))
@@ -182,19 +184,21 @@ def load_assimilator(name_or_checkpoint: str | Path, device: str | torch.device 
         from zoo.weather import create_model
 
         meta = _sidecar(path)
-        model = create_model(meta["arch"], checkpoint=path, **meta.get("config", {}))
-    else:
-        from zoo.registry import get_entry
+        return create_model(meta["arch"], checkpoint=path, **meta.get("config", {})), meta
+    from zoo.registry import get_entry
 
-        entry, tag = get_entry(str(name_or_checkpoint))
-        tag = tag or entry.default_tag
-        if tag is None:
-            raise ValueError(
-                f"model: {entry.name} has no shipped weights yet; train one (`zoo train weather adas ...`) "
-                "and pass its checkpoint path"
-            )
-        meta = entry.tags[tag].extra
-        model = zoo.create(f"{entry.name}.{tag}", pretrained=True)
+    entry, tag = get_entry(str(name_or_checkpoint))
+    tag = tag or entry.default_tag
+    if tag is None:
+        raise ValueError(
+            f"model: {entry.name} has no shipped weights yet; train one{train_hint} and pass its checkpoint path"
+        )
+    return zoo.create(f"{entry.name}.{tag}", pretrained=True), entry.tags[tag].extra
+
+
+def load_assimilator(name_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> AdasAssimilator:
+    """An :class:`AdasAssimilator` from a trained checkpoint (``.safetensors`` + ``.json``) or a shipped ``arch.tag``."""
+    model, meta = _model_and_meta(name_or_checkpoint, " (`zoo train weather adas ...`)")
     return AdasAssimilator(
         model.to(device),
         StateLayout.from_dict(meta["layout"]),
@@ -204,25 +208,7 @@ def load_assimilator(name_or_checkpoint: str | Path, device: str | torch.device 
 
 def load_forecaster(name_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> ModelForecaster:
     """A :class:`ModelForecaster` from a trained checkpoint (``.safetensors`` + ``.json``) or a shipped ``arch.tag``."""
-    import zoo
-
-    path = Path(str(name_or_checkpoint))
-    if path.suffix == ".safetensors" or path.is_file():
-        from zoo.weather import create_model
-
-        meta = _sidecar(path)
-        model = create_model(meta["arch"], checkpoint=path, **meta.get("config", {}))
-    else:
-        from zoo.registry import get_entry
-
-        entry, tag = get_entry(str(name_or_checkpoint))
-        tag = tag or entry.default_tag
-        if tag is None:
-            raise ValueError(
-                f"model: {entry.name} has no shipped weights yet; train one and pass its checkpoint path"
-            )
-        meta = entry.tags[tag].extra
-        model = zoo.create(f"{entry.name}.{tag}", pretrained=True)
+    model, meta = _model_and_meta(name_or_checkpoint, "")
     return ModelForecaster(
         model.to(device),
         StateLayout.from_dict(meta["layout"]),

@@ -101,6 +101,34 @@ def _cosine_lr(step: int, progress: float, base: float, warmup: int = 100) -> fl
     return base * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
 
 
+class _TrainingState:
+    """Model, optimizer and step in ``path``: resumed when present, saved every ``every_s`` seconds and at the end."""
+
+    def __init__(self, path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, every_s: float = 60.0):
+        self.path, self.model, self.opt, self.every_s = path, model, opt, every_s
+        self.last_save = time.perf_counter()
+
+    def resume(self, device: torch.device, name: str) -> int:
+        """The step to start from (0 without a saved state)."""
+        if not self.path.is_file():
+            return 0
+        saved = torch.load(self.path, map_location=device, weights_only=True)
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        log.info("%s: resuming at step %d", name, int(saved["step"]))
+        return int(saved["step"])
+
+    def save(self, step: int) -> None:
+        torch.save(
+            {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": step}, self.path
+        )
+        self.last_save = time.perf_counter()
+
+    def save_if_due(self, step: int) -> None:
+        if time.perf_counter() - self.last_save > self.every_s:
+            self.save(step)
+
+
 def train_forecaster(
     data: str | Path,
     out: str | Path,
@@ -130,19 +158,12 @@ def train_forecaster(
     config = dict(grid=(nlat, nlon), **(overrides or {}))
     model = create_model(arch, **config).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    state_path = out / "forecaster_train.pt"
-    step0 = 0
-    if state_path.is_file():
-        saved = torch.load(state_path, map_location=dev, weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        step0 = int(saved["step"])
-        log.info("forecaster: resuming at step %d", step0)
+    state = _TrainingState(out / "forecaster_train.pt", model, opt)
+    step0 = state.resume(dev, "forecaster")
     gen = torch.Generator(device="cpu").manual_seed(seed + step0)
     amp = dev.type == "cuda"
     losses = []
     model.train()
-    last_save = time.perf_counter()
     for step, done in _budget_loop(minutes, max_steps, step0):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, done, lr)
@@ -163,13 +184,9 @@ def train_forecaster(
         losses.append(loss.item())
         if step % 100 == 0:
             log.info("forecaster step %d loss %.4f", step, loss.item())
-        if time.perf_counter() - last_save > 60:
-            torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, state_path
-            )
-            last_save = time.perf_counter()
+        state.save_if_due(step + 1)
     final_step = step0 + len(losses)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": final_step}, state_path)
+    state.save(final_step)
     metrics = _forecast_skill(model, norm, test, layout, dev)
     meta = {
         "arch": arch,
@@ -261,13 +278,8 @@ def train_adas(
     config = dict(grid=(nlat, nlon), **(overrides or {}))
     model = create_model(arch, **config).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    state_path = out / "adas_train.pt"
-    step0 = 0
-    if state_path.is_file():
-        saved = torch.load(state_path, map_location=dev, weights_only=True)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        step0 = int(saved["step"])
+    state = _TrainingState(out / "adas_train.pt", model, opt)
+    step0 = state.resume(dev, "adas")
     gen = torch.Generator(device="cpu").manual_seed(seed + step0)
     noise_std = torch.tensor(
         [OBSERVATION_ERROR_STD[n.split("/")[0]] for n in layout.channel_names()], device=dev
@@ -283,7 +295,6 @@ def train_adas(
     window = torch.stack([years[w][t - 2 : t] for w, t in where])  # B, 2, C, H, W (normalised)
     losses, ratios = [], []
     model.train()
-    last_save = time.perf_counter()
     for step, done in _budget_loop(minutes, max_steps, step0):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, done, lr)
@@ -317,13 +328,9 @@ def train_adas(
                 where[b] = (w, t)
         if step % 100 == 0:
             log.info("adas step %d loss %.4f analysis/background MAE %.3f", step, loss.item(), ratios[-1])
-        if time.perf_counter() - last_save > 60:
-            torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, state_path
-            )
-            last_save = time.perf_counter()
+        state.save_if_due(step + 1)
     final_step = step0 + len(losses)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": final_step}, state_path)
+    state.save(final_step)
     meta = {
         "arch": arch,
         "config": config,
