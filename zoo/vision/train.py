@@ -79,7 +79,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     g.add_argument("--class-map", default="", help="class to index mapping file")
     g.add_argument(
-        "-j", "--workers", type=int, default=8, help="data loading workers per process (default 8)"
+        "-j",
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="data loading workers per process (default: 8, at most the CPU count)",
     )
     g.add_argument("--pin-mem", action="store_true", help="pin CPU memory of batches")
     g.add_argument("--no-prefetcher", action="store_true", help="normalise on the CPU instead of the device")

@@ -65,7 +65,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--num-classes", type=int, default=None, help="classes of the head")
     parser.add_argument("--in-chans", type=int, default=None, help="image channels (default 3)")
     parser.add_argument("-b", "--batch-size", type=int, default=256, help="batch size (default 256)")
-    parser.add_argument("-j", "--workers", type=int, default=4, help="data loading workers (default 4)")
+    parser.add_argument(
+        "-j",
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data loading workers (default: 4, at most the CPU count)",
+    )
     parser.add_argument("--img-size", type=int, default=None, help="image side (default: the model's)")
     parser.add_argument("--input-size", type=int, nargs=3, default=None, metavar="N", help="C H W")
     parser.add_argument(
