@@ -60,6 +60,17 @@ def _build_adas(**cfg: Any):
     return Adas(**cfg)
 
 
+# shared by the OSSE configs: geopotential, u, v at one level; the model predicts the increment
+_OSSE_ADAS = dict(
+    levels=1,
+    surface_variables=0,
+    upper_variables=3,
+    patch_size=(1, 2, 2),
+    num_heads=2,
+    drop_path_rate=0.0,
+    residual=True,
+)
+
 _ADAS_VARIANTS = {
     "adas_fengwu69_0p25": (_adas_config(), "FengWu-Adas at 0.25 deg (721x1440), 69 channels, d 192"),
     "adas_fengwu69_1p40625": (
@@ -67,35 +78,11 @@ _ADAS_VARIANTS = {
         "FengWu-Adas at 1.40625 deg (128x256), 69 channels, d 96",
     ),
     "adas_osse_64x128": (
-        _adas_config(
-            grid=(64, 128),
-            levels=1,
-            surface_variables=0,
-            upper_variables=3,
-            dim=32,
-            patch_size=(1, 2, 2),
-            window_size=(1, 4, 8),
-            depth=4,
-            num_heads=2,
-            drop_path_rate=0.0,
-            residual=True,
-        ),
+        _adas_config(grid=(64, 128), dim=32, window_size=(1, 4, 8), depth=4, **_OSSE_ADAS),
         "Adas for the shallow-water OSSE: geopotential, u, v at 500 hPa on 64x128 (predicts the increment)",
     ),
     "adas_osse_tiny": (
-        _adas_config(
-            grid=(16, 32),
-            levels=1,
-            surface_variables=0,
-            upper_variables=3,
-            dim=16,
-            patch_size=(1, 2, 2),
-            window_size=(1, 2, 4),
-            depth=2,
-            num_heads=2,
-            drop_path_rate=0.0,
-            residual=True,
-        ),
+        _adas_config(grid=(16, 32), dim=16, window_size=(1, 2, 4), depth=2, **_OSSE_ADAS),
         "a tiny Adas (16x32) for tests and smoke runs (predicts the increment)",
     ),
 }
