@@ -18,11 +18,17 @@ Algorithm (tokens ``x_i``, experts ``f_e``, router logits ``W_g x_i + b_g``):
 The selected entries of ``P~`` are the gate values (renormalised over the ``top_k`` when
 ``normalize_gates``). With ``S = I`` every router reduces to the standard one exactly.
 
-Choices of ours, not fixed by the paper's text as we could check it offline: ``W_s`` is a
-learnable ``dim x dim`` matrix initialised to the identity and ``tau`` defaults to
-``sqrt(dim)`` (dot-product-attention scaling; the paper treats ``tau`` as a
-hyperparameter); with ``causal=True`` the similarity graph is masked to past tokens so a
-language model's routing never sees the future (the paper's formula is bidirectional).
+Provenance of these formulas: the paper's abstract and section titles (2: routing in SMoE
+with a graph of tokens; 3: routing in an MoE-Transformer, attention as the graph; 4: entropy
+analysis) fix the two routers' roles; the equations above (mixing applied to the softmax
+probabilities, ``S`` a row-softmax of a bilinear ``X W_s X^T / tau``, ``A`` averaged over
+heads, top-k taken on ``P~`` and its gates renormalised) follow the issue's statement of
+them and are not checked against the paper's numbered equations or its section-5
+hyperparameters. Choices of ours: ``W_s`` is a learnable ``dim x dim`` matrix initialised
+to the identity, ``tau`` defaults to ``sqrt(dim)`` (dot-product-attention scaling), features
+are not normalised before the similarity, and with ``causal=True`` the similarity graph is
+masked to past tokens so a language model's routing never sees the future (the attention
+router inherits causality from a causal ``A``).
 
 Dispatch is batched (no Python loop over tokens): assignments get a slot in a
 ``[num_experts, capacity, dim]`` buffer through a cumulative count (top-1 choices first,
