@@ -293,7 +293,7 @@ def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--long-fraction", type=float, default=0.25, help="share of the budget at --long-seq-len")
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--needle-prob", type=float, default=0.1, help="share of windows with a hidden needle")
+    p.add_argument("--needle-prob", type=float, default=0.5, help="share of windows with a hidden needle")
     p.add_argument("--eval-every", type=float, default=45.0, help="seconds (steps with --max-steps)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, help="seconds (steps with --max-steps)")
     p.add_argument("--seed", type=int, default=0)

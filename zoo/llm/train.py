@@ -60,7 +60,7 @@ class TrainConfig:
     warmup: float = 0.03
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    needle_prob: float = 0.1
+    needle_prob: float = 0.5
     eval_every: float = 45.0  # seconds (steps with max_steps)
     eval_tokens: int = 131072
     checkpoint_every: float = 60.0  # seconds (steps with max_steps)

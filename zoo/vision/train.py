@@ -746,10 +746,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             remaining = args.time_budget * 60.0 - elapsed() - 2 * eval_seconds - 5.0
             fit = epoch + max(0, math.floor(0.97 * remaining / max(per_epoch, 1e-9)))
             fit = max(epoch, min(args.epochs, fit))
+            if epoch == 1 and fit >= epoch + 2:
+                fit = None  # the first epoch carries warm-up costs (autotuning, loader start): refit after the second
             if world > 1:
-                t = torch.tensor([fit], device=device)
+                t = torch.tensor([-1 if fit is None else fit], device=device)
                 torch.distributed.broadcast(t, 0)
-                fit = int(t.item())
+                fit = None if int(t.item()) < 0 else int(t.item())
+        if args.time_budget and not fitted and epoch >= 1 and fit is not None:
             fitted = True
             if fit != num_epochs:
                 if is_main:
