@@ -137,24 +137,27 @@ INTERPRETER_SCRIPT = """
 import torch
 from zoo.kernels.antidiagonal import antidiagonal_block_scores_reference, antidiagonal_block_scores_triton
 torch.manual_seed(0)
-cases = [  # (N, M, block_q, block_k, stride, causal, H, Hkv, D)
-    (64, 64, 32, 32, 2, True, 2, 1, 16),
-    (70, 100, 32, 64, 4, True, 2, 2, 24),
-    (48, 48, 32, 32, 2, False, 1, 1, 16),
+cases = [  # (N, M, block_q, block_k, stride, causal, H, Hkv, D, tile, feature_chunk, chunk_elements)
+    (64, 64, 32, 32, 2, True, 2, 1, 16, 16, 16, 1 << 20),
+    (70, 100, 32, 64, 4, True, 2, 2, 24, 16, 16, 1 << 20),  # N != M, ragged blocks, D not a power of 2
+    (48, 48, 32, 32, 2, False, 1, 1, 16, 16, 16, 1 << 20),
+    (300, 300, 64, 64, 8, True, 4, 1, 32, 16, 16, 200),  # stride 8, GQA 4:1, several query chunks
+    (200, 520, 128, 128, 16, True, 4, 2, 16, 16, 16, 1 << 20),  # stride 16, queries the last N of M
+    (200, 520, 128, 128, 16, False, 2, 2, 16, 16, 16, 1 << 20),
+    (260, 400, 64, 64, 2, True, 2, 1, 32, 32, 32, 2000),  # 32x32 tiles, chunks with a diagonal offset
 ]
-for n, m, bq, bk, stride, causal, heads, kv_heads, dim in cases:
+for n, m, bq, bk, stride, causal, heads, kv_heads, dim, tile, feat, chunk in cases:
     q, k = torch.randn(1, heads, n, dim), torch.randn(1, kv_heads, m, dim)
     expected = antidiagonal_block_scores_reference(q.double(), k.double(), (bq, bk), stride, causal=causal)
-    # tiny chunks: several query chunks, each with its own launch and epilogue
     got = antidiagonal_block_scores_triton(
-        q, k, (bq, bk), stride, causal=causal, block_r=16, block_c=16, chunk_elements=600
+        q, k, (bq, bk), stride, causal=causal, tile=tile, feature_chunk=feat, chunk_elements=chunk
     )
     print((got.double() - expected).abs().max().item())
 """
 
 
 def test_triton_scores_match_reference_under_interpreter():
-    """The Triton kernel itself, run on the CPU by Triton's interpreter (set before Triton loads)."""
+    """The Triton kernels themselves, run on the CPU by Triton's interpreter (set before Triton loads)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run(
@@ -162,7 +165,43 @@ def test_triton_scores_match_reference_under_interpreter():
     )
     assert run.returncode == 0, run.stderr[-2000:]
     errors = [float(line) for line in run.stdout.split()]
-    assert len(errors) == 3 and max(errors) < 2e-5, errors
+    assert len(errors) == 7 and max(errors) < 2e-5, errors
+
+
+def test_lower_triangle_tile_map_covers_exactly_the_visible_tiles():
+    """The closed-form tile map of the scoring kernel, replayed in Python against brute force."""
+    from zoo.kernels.antidiagonal import _tile_count
+
+    for rows, cols, stride, tile, offset in [
+        (100, 130, 8, 16, 0),
+        (257, 300, 2, 64, 1000),
+        (64, 300, 16, 16, 5000),
+        (5, 7, 1, 16, 3),
+        (256, 256, 8, 128, 0),
+    ]:
+        row_tiles, col_tiles = -(-rows // tile), -(-cols // tile)
+        expected = {
+            (i, c)
+            for i in range(row_tiles)
+            for c in range(col_tiles)
+            if c * tile * stride <= offset + (i + 1) * tile * stride - 1
+        }
+        first = -(-offset // (tile * stride))
+        tri = min(row_tiles, max(col_tiles - first - 1, 0))
+        a = 2 * first + 1
+        tri_tiles = tri * (tri + a) // 2
+        got = []
+        for pid in range(_tile_count(rows, cols, offset, stride, tile, True)):
+            guess = min(max(int((math.sqrt(float(a * a + 8 * pid)) - a) * 0.5), 0), max(tri - 1, 0))
+            for _ in range(2):
+                guess = guess + 1 if (guess + 1) * (guess + 1 + a) // 2 <= pid else guess
+                guess = guess - 1 if guess * (guess + a) // 2 > pid else guess
+            rest = pid - tri_tiles
+            if pid < tri_tiles:
+                got.append((guess, pid - guess * (guess + a) // 2))
+            else:
+                got.append((tri + rest // col_tiles, rest % col_tiles))
+        assert len(got) == len(set(got)) and set(got) == expected
 
 
 @pytest.mark.gpu
@@ -175,6 +214,21 @@ def test_triton_scores_on_gpu(dtype, block, stride):
     got = antidiagonal_block_scores(q, k, block, stride, chunk_elements=1 << 14)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert ((got - expected).norm() / expected.norm()).item() < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [8, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_scores_on_gpu_long_ragged_gqa(stride, causal):
+    """bf16 at a few thousand tokens: ragged N != M, GQA 4:1, fixed and autotuned tiles."""
+    q = torch.randn(1, 8, 3000, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 4100, 128, device="cuda", dtype=torch.bfloat16)
+    k[:, :, ::97] += 2.0 * q[0, 0].mean(0)  # strong key columns: scores far from uniform
+    expected = antidiagonal_block_scores_reference(q.float(), k.float(), 128, stride, causal=causal)
+    for kwargs in ({}, {"tile": 64, "feature_chunk": 128}, {"tile": 128, "feature_chunk": 64}):
+        got = antidiagonal_block_scores_triton(q, k, 128, stride, causal=causal, **kwargs)
+        assert ((got - expected).norm() / expected.norm()).item() < 2e-2
+        torch.testing.assert_close(got.sum(-1), expected.sum(-1), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -265,6 +319,8 @@ def test_bad_inputs_raise_clear_errors():
         antidiagonal_block_scores(q, k, 16, 4, backend="cuda")
     with pytest.raises(ValueError, match="CUDA"):
         antidiagonal_block_scores_triton(q, k, 16, 4)
+    with pytest.raises(ValueError, match="power of two"):
+        antidiagonal_block_scores_triton(q, k, 24, 4)
 
 
 def test_non_contiguous_inputs_give_the_contiguous_result():

@@ -18,12 +18,27 @@ Queries are the last ``N`` of the ``M`` positions (query ``i`` sits at ``M - N +
 have fewer heads than queries (grouped-query attention); they are never repeated.
 
 ``antidiagonal_block_scores_reference`` is the plain PyTorch version (fp32 accumulation). The
-Triton kernel computes one tile of ``BLOCK_R`` query groups x ``BLOCK_C`` key groups per program
-with its own tile maximum (no loop over the keys), writes the per-group, per-key-block partial sums
-and the tile maxima, and a short PyTorch epilogue rescales them into softmax probabilities and
-sums groups into blocks. Queries are processed in chunks so the partial sums stay bounded in
-memory at 128k tokens and beyond. ``antidiagonal_block_scores`` dispatches: CUDA tensors run
-Triton, CPU tensors the reference.
+Triton path is two kernels:
+
+- ``_antidiagonal_lse_kernel``: a GEMM. Each program owns ``BLOCK_T`` strided query groups x
+  ``BLOCK_T`` key groups and loops over the ``S * D`` features in chunks of ``BLOCK_K`` (chunk
+  ``j`` of query group ``r`` is a slice of token row ``r*S + S-1 - j*BLOCK_K//D``, of key group
+  ``c`` one of ``c*S + j*BLOCK_K//D``; no strided copy is made), ``tl.dot`` accumulating fp32,
+  software-pipelined. Only tiles on or below the causal diagonal are launched (closed-form
+  lower-triangle tile map). The epilogue, in registers, writes one number per (query group,
+  key block): ``log2 sum exp2`` of the group's logits in that block.
+- ``_block_sum_kernel``: one program per query block reads those numbers for its groups, takes
+  the softmax over each group's visible key blocks (online max/sum, then a second pass) and
+  sums the probabilities over the block's groups into ``[B, H, Qb, Kb]``.
+
+The buffer between them holds ``groups x Kb`` fp32 values per head (``N/S x N/128``; 2 GiB at
+128k tokens, stride 8 and 32 heads), so queries are processed in chunks bounded by
+``chunk_elements``. Tile sizes, feature chunk, warps and pipeline stages are autotuned per
+``(S, D)``. ``antidiagonal_block_scores`` dispatches: CUDA tensors run Triton, CPU tensors the
+reference.
+
+Cost: the strided matmul is ``2 * (N/S) * (M/S) * S*D = 2*N*M*D/S`` FLOPs per head, half of
+it under a causal mask (``N^2*D/S``): ``1/(2S)`` of dense causal attention's ``2*N^2*D``.
 """
 
 from __future__ import annotations
@@ -80,15 +95,6 @@ def _check_inputs(q: Tensor, k: Tensor, block_size: int | tuple[int, int], strid
             f"block_size: expected positive multiples of stride={stride}, got ({block_q}, {block_k})"
         )
     return block_q, block_k
-
-
-def _group_rows_per_chunk(
-    batch: int, heads: int, num_k_blocks: int, rows_per_block: int, max_elements: int
-) -> int:
-    """Query groups per chunk: a whole number of query blocks keeping the partial sums bounded."""
-    per_block = batch * heads * rows_per_block * max(num_k_blocks, 1)
-    blocks = max(1, max_elements // max(per_block, 1))
-    return blocks * rows_per_block
 
 
 def antidiagonal_block_scores_reference(
@@ -166,31 +172,81 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
     tl = None
 
-# The raw kernel below becomes a Triton kernel at its first launch, compiled or interpreted as
-# TRITON_INTERPRET says then (so tests can run it on the CPU in the same process).
-_KERNELS: dict[bool, Any] = {}
+# The raw kernels below become Triton kernels at their first launch, compiled (and autotuned)
+# or interpreted as TRITON_INTERPRET says then, so tests can run them on the CPU in one process.
+_KERNELS: dict[tuple[str, bool], Any] = {}
+
+# Hopper/Ampere GEMM tiles. Square tiles (BLOCK_T query groups x BLOCK_T key groups) keep the
+# lower-triangle tile map in closed form; BLOCK_K is the feature chunk of one token row.
+_AUTOTUNE_CONFIGS = [
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 64, 8, 4),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 4),
+]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _tile_kernel() -> Any:
+def _prune_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+    args = {**named_args, **kwargs}
+    head_dim, cols_per_block = int(args["HEAD_DIM"]), int(args["COLS_PER_BLOCK"])
+    max_k = max(16, 1 << (head_dim - 1).bit_length())
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max_k and c.kwargs["BLOCK_T"] >= cols_per_block]
+    return kept or configs[:1]
+
+
+def _kernel(name: str) -> Any:
     interpret = _interpreting()
-    if interpret not in _KERNELS:
+    if (name, interpret) not in _KERNELS:
+        raw = {"scores": _antidiagonal_lse_kernel, "blocks": _block_sum_kernel}[name]
         if interpret:
-            from triton.runtime.interpreter import InterpretedFunction as wrap
+            from triton.runtime.interpreter import InterpretedFunction
+
+            _KERNELS[(name, interpret)] = InterpretedFunction(raw)
         else:
-            from triton.runtime.jit import JITFunction as wrap
-        _KERNELS[interpret] = wrap(_antidiagonal_tile_kernel)
-    return _KERNELS[interpret]
+            from triton.runtime.jit import JITFunction
+
+            kernel = JITFunction(raw)
+            if name == "scores":
+                configs = [
+                    triton.Config({"BLOCK_T": t, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                    for t, bk, w, s in _AUTOTUNE_CONFIGS
+                ]
+                kernel = triton.autotune(
+                    configs,
+                    key=["STRIDE", "HEAD_DIM", "COLS_PER_BLOCK", "CAUSAL", "IEEE"],
+                    prune_configs_by={"early_config_prune": _prune_configs},
+                )(kernel)
+            _KERNELS[(name, interpret)] = kernel
+    return _KERNELS[(name, interpret)]
 
 
-def _antidiagonal_tile_kernel(
+def _triangle_rows(row_tiles: int, col_tiles: int, first_diag: int) -> int:
+    """Row tiles whose visible key tiles ``0 .. i + first_diag`` stop before the last key tile."""
+    return min(row_tiles, max(col_tiles - first_diag - 1, 0))
+
+
+def _tile_count(rows: int, cols: int, offset: int, stride: int, tile: int, causal: bool) -> int:
+    """Programs of the lower-triangle tile map (see ``_antidiagonal_lse_kernel``)."""
+    row_tiles, col_tiles = -(-rows // tile), -(-cols // tile)
+    if not causal:
+        return row_tiles * col_tiles
+    first_diag = -(-offset // (tile * stride))
+    tri = _triangle_rows(row_tiles, col_tiles, first_diag)
+    return tri * (tri + 2 * first_diag + 1) // 2 + (row_tiles - tri) * col_tiles
+
+
+def _antidiagonal_lse_kernel(
     Q,
     K,
-    PARTIAL,
-    TILE_MAX,
+    LSE,
     stride_qb,
     stride_qh,
     stride_qn,
@@ -199,98 +255,182 @@ def _antidiagonal_tile_kernel(
     stride_kh,
     stride_km,
     stride_kd,
-    stride_pb,
-    stride_ph,
-    stride_pr,
-    stride_pk,
-    stride_tb,
-    stride_th,
-    stride_tr,
-    stride_tt,
+    stride_lb,
+    stride_lh,
+    stride_lr,
+    stride_lk,
     num_heads,
     group,
     n,
     m,
     row_start,
     row_count,
+    cols,
     num_k_blocks,
     scale_log2,
     STRIDE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     COLS_PER_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    """One ``BLOCK_T x BLOCK_T`` tile of strided logits -> log2-sum-exp2 per (query group, key block).
+
+    Programs enumerate only the tiles on or below the causal diagonal: row tile ``i`` sees key
+    tiles ``0 .. i + first_diag`` (capped at the last one), so the first ``tri`` row tiles form a
+    trapezoid whose start offsets are ``i * (i + 2 * first_diag + 1) / 2`` (inverted with a square
+    root and corrected by integer checks) and the remaining row tiles are full rows.
+    """
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     hk = h // group
-
-    local_rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = row_start + local_rows
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_tiles = tl.cdiv(row_count, BLOCK_T)
+    col_tiles = tl.cdiv(cols, BLOCK_T)
     if CAUSAL:
-        # the whole tile lies after the last query of its last group: nothing to score
-        last_pos = (m - n) + (row_start + pid_r * BLOCK_R + BLOCK_R - 1) * STRIDE + STRIDE - 1
-        if pid_c * BLOCK_C * STRIDE > last_pos:
-            return
+        offset = (m - n) + row_start * STRIDE
+        first_diag = tl.cdiv(offset, BLOCK_T * STRIDE)
+        tri = tl.minimum(row_tiles, tl.maximum(col_tiles - first_diag - 1, 0))
+        a = 2 * first_diag + 1
+        tri_tiles = tri * (tri + a) // 2
+        guess = ((tl.sqrt((a * a + 8 * pid).to(tl.float32)) - a) * 0.5).to(tl.int32)
+        guess = tl.minimum(tl.maximum(guess, 0), tl.maximum(tri - 1, 0))
+        for _ in tl.static_range(2):  # float rounding moves the guess by at most one either way
+            guess = tl.where((guess + 1) * (guess + 1 + a) // 2 <= pid, guess + 1, guess)
+            guess = tl.where(guess * (guess + a) // 2 > pid, guess - 1, guess)
+        rest = pid - tri_tiles
+        tile_r = tl.where(pid < tri_tiles, guess, tri + rest // tl.maximum(col_tiles, 1))
+        tile_c = tl.where(pid < tri_tiles, pid - guess * (guess + a) // 2, rest % tl.maximum(col_tiles, 1))
+    else:
+        tile_r = pid // col_tiles
+        tile_c = pid % col_tiles
 
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for i in tl.static_range(STRIDE):
-        q_idx = rows * STRIDE + (STRIDE - 1 - i)
-        k_idx = cols * STRIDE + i
+    local_rows = tile_r * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = row_start + local_rows
+    group_cols = tile_c * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = local_rows < row_count
+    # token row of feature chunk 0: query r*S + S-1 (reversed), key c*S
+    q_rows = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q_rows = q_rows + (rows.to(tl.int64) * STRIDE + STRIDE - 1) * stride_qn
+    k_rows = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    k_rows = k_rows + group_cols.to(tl.int64) * STRIDE * stride_km
+    q_first = rows * STRIDE + STRIDE - 1
+    k_first = group_cols * STRIDE
+    CHUNKS: tl.constexpr = (HEAD_DIM + BLOCK_K - 1) // BLOCK_K
+    acc = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    for j in range(0, STRIDE * CHUNKS):
+        token = j // CHUNKS
+        feat = (j % CHUNKS) * BLOCK_K + offs_k
+        feat_ok = feat < HEAD_DIM
         q_tile = tl.load(
-            q_base + q_idx[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
-            mask=(q_idx[:, None] < n) & d_ok[None, :],
+            q_rows[:, None] - token * stride_qn + feat[None, :] * stride_qd,
+            mask=row_ok[:, None] & (q_first[:, None] - token < n) & feat_ok[None, :],
             other=0.0,
         )
         k_tile = tl.load(
-            k_base + k_idx[None, :].to(tl.int64) * stride_km + offs_d[:, None] * stride_kd,
-            mask=(k_idx[None, :] < m) & d_ok[:, None],
+            k_rows[:, None] + token * stride_km + feat[None, :] * stride_kd,
+            mask=(k_first[:, None] + token < m) & feat_ok[None, :],
             other=0.0,
         )
         if IEEE:
-            acc += tl.dot(q_tile, k_tile, input_precision="ieee")
+            acc += tl.dot(q_tile, tl.trans(k_tile), input_precision="ieee")
         else:
-            acc += tl.dot(q_tile, k_tile)
+            acc += tl.dot(q_tile, tl.trans(k_tile))
 
     logits = acc * scale_log2
-    visible = (cols[None, :] * STRIDE < m) & (local_rows[:, None] < row_count)
+    visible = k_first[None, :] < m
     if CAUSAL:
-        visible = visible & (cols[None, :] * STRIDE <= (m - n) + rows[:, None] * STRIDE + STRIDE - 1)
+        visible = visible & (k_first[None, :] <= (m - n) + q_first[:, None])
     logits = tl.where(visible, logits, float("-inf"))
     tile_max = tl.max(logits, axis=1)
     shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
     p = tl.exp2(logits - shift[:, None])
-    block_sums = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_C // COLS_PER_BLOCK, COLS_PER_BLOCK]), axis=2)
+    KB_PER_TILE: tl.constexpr = BLOCK_T // COLS_PER_BLOCK
+    block_sums = tl.sum(tl.reshape(p, [BLOCK_T, KB_PER_TILE, COLS_PER_BLOCK]), axis=2)
+    lse = tl.log2(block_sums) + shift[:, None]
+    kb = tile_c * KB_PER_TILE + tl.arange(0, KB_PER_TILE)
+    ptrs = (
+        LSE
+        + b.to(tl.int64) * stride_lb
+        + h.to(tl.int64) * stride_lh
+        + local_rows[:, None].to(tl.int64) * stride_lr
+        + kb[None, :] * stride_lk
+    )
+    tl.store(ptrs, lse, mask=row_ok[:, None] & (kb[None, :] < num_k_blocks))
 
-    kb = pid_c * (BLOCK_C // COLS_PER_BLOCK) + tl.arange(0, BLOCK_C // COLS_PER_BLOCK)
-    row_ok = local_rows < row_count
-    p_ptrs = (
-        PARTIAL
-        + b.to(tl.int64) * stride_pb
-        + h.to(tl.int64) * stride_ph
-        + local_rows[:, None].to(tl.int64) * stride_pr
-        + kb[None, :] * stride_pk
+
+def _block_sum_kernel(
+    LSE,
+    OUT,
+    stride_lb,
+    stride_lh,
+    stride_lr,
+    stride_lk,
+    stride_ob,
+    stride_oh,
+    stride_oq,
+    stride_ok,
+    num_heads,
+    n,
+    m,
+    row_start,
+    row_count,
+    num_k_blocks,
+    block_k,
+    STRIDE: tl.constexpr,
+    ROWS_PER_BLOCK: tl.constexpr,
+    ROWS_P2: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_KB: tl.constexpr,
+):
+    """One query block: softmax over each group's visible key blocks, summed over the block's groups."""
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    local = pid_q * ROWS_PER_BLOCK + tl.arange(0, ROWS_P2)
+    rows = row_start + local
+    row_ok = (tl.arange(0, ROWS_P2) < ROWS_PER_BLOCK) & (local < row_count)
+    real_row = row_ok & (rows * STRIDE < n)
+    if CAUSAL:
+        last_kb = ((m - n) + rows * STRIDE + STRIDE - 1) // block_k
+        block_end = tl.minimum(
+            num_k_blocks,
+            ((m - n) + (row_start + pid_q * ROWS_PER_BLOCK + ROWS_PER_BLOCK) * STRIDE - 1) // block_k + 1,
+        )
+    else:
+        last_kb = rows * 0 + num_k_blocks - 1
+        block_end = num_k_blocks
+    base = (
+        LSE
+        + b.to(tl.int64) * stride_lb
+        + h.to(tl.int64) * stride_lh
+        + local[:, None].to(tl.int64) * stride_lr
     )
-    tl.store(p_ptrs, block_sums, mask=row_ok[:, None] & (kb[None, :] < num_k_blocks))
-    t_ptrs = (
-        TILE_MAX
-        + b.to(tl.int64) * stride_tb
-        + h.to(tl.int64) * stride_th
-        + local_rows.to(tl.int64) * stride_tr
-        + pid_c * stride_tt
-    )
-    tl.store(t_ptrs, tile_max, mask=row_ok)
+    offs = tl.arange(0, BLOCK_KB)
+    row_max = tl.full([ROWS_P2], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([ROWS_P2], dtype=tl.float32)
+    for kb0 in range(0, block_end, BLOCK_KB):
+        kb = kb0 + offs
+        ok = row_ok[:, None] & (kb[None, :] < num_k_blocks) & (kb[None, :] <= last_kb[:, None])
+        lse = tl.load(base + kb[None, :] * stride_lk, mask=ok, other=float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(lse, axis=1))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp2(row_max - safe) + tl.sum(tl.exp2(lse - safe[:, None]), axis=1)
+        row_max = new_max
+    safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+    inv = tl.where(real_row & (row_sum > 0), 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
+    out = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + pid_q.to(tl.int64) * stride_oq
+    for kb0 in range(0, block_end, BLOCK_KB):
+        kb = kb0 + offs
+        ok = row_ok[:, None] & (kb[None, :] < num_k_blocks) & (kb[None, :] <= last_kb[:, None])
+        lse = tl.load(base + kb[None, :] * stride_lk, mask=ok, other=float("-inf"))
+        probs = tl.exp2(lse - safe[:, None]) * inv[:, None]
+        tl.store(out + kb * stride_ok, tl.sum(probs, axis=0), mask=kb < num_k_blocks)
 
 
 def antidiagonal_block_scores_triton(
@@ -300,100 +440,110 @@ def antidiagonal_block_scores_triton(
     stride: int = 8,
     *,
     causal: bool = True,
-    chunk_elements: int = 1 << 26,
-    block_r: int = 64,
-    block_c: int = 64,
-    num_warps: int = 4,
+    chunk_elements: int = 1 << 28,
+    tile: int | None = None,
+    feature_chunk: int | None = None,
 ) -> Tensor:
-    """Antidiagonal block scores ``[B, H, Qb, Kb]`` (fp32) with the Triton tile kernel.
+    """Antidiagonal block scores ``[B, H, Qb, Kb]`` (fp32) with the Triton kernels.
 
     Same contract as :func:`antidiagonal_block_scores_reference`. ``chunk_elements`` bounds the
-    partial sums held per query chunk (``B * H * groups * Kb`` fp32 values). ``block_r`` and
-    ``block_c`` are the tile sizes in query and key groups (powers of two, at least 16;
-    ``block_c`` a multiple of ``block_k / stride``).
+    per-(group, key block) buffer held per query chunk (``B * H * groups * Kb`` fp32 values).
+    ``tile`` (query/key groups per tile, a power of two >= 16 and >= ``block_k / stride``) and
+    ``feature_chunk`` (``BLOCK_K``) fix the GEMM tile; by default they are autotuned on CUDA.
+    ``block_k / stride`` must be a power of two.
     """
     if triton is None:
         raise RuntimeError("antidiagonal_block_scores_triton: Triton is not installed")
     block_q, block_k = _check_inputs(q, k, block_size, stride)
-    if not q.is_cuda and not _interpreting():
-        raise ValueError(f"q: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     batch, heads, n, dim = q.shape
     kv_heads, m = k.shape[1], k.shape[2]
     s = stride
     num_q_blocks, num_k_blocks = _ceil_div(n, block_q), _ceil_div(m, block_k)
     rows_per_block, cols_per_block = block_q // s, block_k // s
-    block_c = max(block_c, cols_per_block)
-    if block_c & (block_c - 1) or block_r & (block_r - 1) or cols_per_block & (cols_per_block - 1):
+    if cols_per_block & (cols_per_block - 1) or cols_per_block > 128:
         raise ValueError(
-            f"block_c/block_r: expected powers of two with block_k/stride={cols_per_block} a power of two, "
-            f"got block_c={block_c}, block_r={block_r}"
+            f"block_size: the Triton kernel needs block_k/stride a power of two <= 128, got {cols_per_block}"
         )
+    interpret = _interpreting()
+    if not q.is_cuda and not interpret:
+        raise ValueError(f"q: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    fixed = tile is not None or feature_chunk is not None or interpret
+    if fixed:
+        tile = tile or max(16, cols_per_block)
+        feature_chunk = feature_chunk or (16 if interpret else 64)
+        if tile < 16 or tile & (tile - 1) or tile < cols_per_block:
+            raise ValueError(
+                f"tile: expected a power of two >= 16 and >= block_k/stride={cols_per_block}, got {tile}"
+            )
+        if feature_chunk < 16 or feature_chunk & (feature_chunk - 1):
+            raise ValueError(f"feature_chunk: expected a power of two >= 16, got {feature_chunk}")
     rows = num_q_blocks * rows_per_block
     cols = num_k_blocks * cols_per_block
-    col_tiles = _ceil_div(cols, block_c)
-    kb_per_tile = block_c // cols_per_block
-    padded_k_blocks = col_tiles * kb_per_tile
+    unit = rows_per_block * 128 // math.gcd(rows_per_block, 128)
+    per_row = batch * heads * num_k_blocks
+    budget_rows = max(1, chunk_elements // per_row)
+    step = unit if budget_rows >= unit else rows_per_block
+    chunk_rows = max(step, budget_rows // step * step)
 
-    chunk_rows = _group_rows_per_chunk(batch, heads, padded_k_blocks, rows_per_block, chunk_elements)
-    out = torch.empty(batch, heads, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
+    out = torch.zeros(batch, heads, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
     scale_log2 = (1.0 / math.sqrt(dim) / s) * 1.4426950408889634
-    block_d = max(16, triton.next_power_of_2(dim))
     ieee = q.dtype == torch.float32 or k.dtype == torch.float32
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
+    lse = torch.empty(batch, heads, min(rows, chunk_rows), num_k_blocks, dtype=torch.float32, device=q.device)
+    score_kernel, sum_kernel = _kernel("scores"), _kernel("blocks")
     for r0 in range(0, rows, chunk_rows):
-        r1 = min(rows, r0 + chunk_rows)
-        count = r1 - r0
-        partial = torch.zeros(batch, heads, count, padded_k_blocks, dtype=torch.float32, device=q.device)
-        tile_max = torch.full(
-            (batch, heads, count, col_tiles), float("-inf"), dtype=torch.float32, device=q.device
-        )
-        if causal:  # key tiles no group of the chunk can see are never launched
-            last_pos = (m - n) + (r1 - 1) * s + s - 1
-            launched_tiles = min(col_tiles, last_pos // (block_c * s) + 1)
-        else:
-            launched_tiles = col_tiles
-        grid = (_ceil_div(count, block_r), launched_tiles, batch * heads)
-        _tile_kernel()[grid](
+        count = min(rows, r0 + chunk_rows) - r0
+        offset = (m - n) + r0 * s
+
+        def grid(meta: dict, count: int = count, offset: int = offset) -> tuple[int, int]:
+            return (_tile_count(count, cols, offset, s, meta["BLOCK_T"], causal), batch * heads)
+
+        meta = {"BLOCK_T": tile, "BLOCK_K": feature_chunk} if fixed else {}
+        score_kernel[grid](
             q,
             k,
-            partial,
-            tile_max,
+            lse,
             *q.stride(),
             *k.stride(),
-            *partial.stride(),
-            *tile_max.stride(),
+            *lse.stride(),
             heads,
             heads // kv_heads,
             n,
             m,
             r0,
             count,
+            cols,
             num_k_blocks,
             scale_log2,
             STRIDE=s,
             HEAD_DIM=dim,
-            BLOCK_D=block_d,
-            BLOCK_R=block_r,
-            BLOCK_C=block_c,
             COLS_PER_BLOCK=cols_per_block,
             CAUSAL=bool(causal),
             IEEE=ieee,
-            num_warps=num_warps,
+            **meta,
         )
-        # epilogue: rescale each tile to the row maximum (log2 domain), normalise, sum groups into blocks
-        row_max = tile_max.amax(dim=-1, keepdim=True)
-        weight = torch.exp2(tile_max - torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max))
-        scaled = partial.view(batch, heads, count, col_tiles, kb_per_tile) * weight[..., None]
-        scaled = scaled.view(batch, heads, count, padded_k_blocks)[..., :num_k_blocks]
-        total = scaled.sum(-1, keepdim=True)
-        probs = torch.where(total > 0, scaled / total.clamp_min(1e-38), torch.zeros_like(scaled))
-        group_ids = torch.arange(r0, r1, device=q.device)
-        probs = probs.masked_fill((group_ids * s >= n)[:, None], 0.0)
-        b0 = r0 // rows_per_block
-        out[:, :, b0 : b0 + count // rows_per_block] = probs.view(
-            batch, heads, count // rows_per_block, rows_per_block, num_k_blocks
-        ).sum(3)
+        blocks_here = count // rows_per_block
+        chunk_out = out[:, :, r0 // rows_per_block : r0 // rows_per_block + blocks_here]
+        sum_kernel[(blocks_here, batch * heads)](
+            lse,
+            chunk_out,
+            *lse.stride(),
+            *chunk_out.stride(),
+            heads,
+            n,
+            m,
+            r0,
+            count,
+            num_k_blocks,
+            block_k,
+            STRIDE=s,
+            ROWS_PER_BLOCK=rows_per_block,
+            ROWS_P2=max(1, 1 << (rows_per_block - 1).bit_length()),
+            CAUSAL=bool(causal),
+            BLOCK_KB=64 if interpret else 128,
+            num_warps=4,
+        )
     return out
 
 
