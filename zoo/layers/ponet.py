@@ -303,6 +303,7 @@ def ponet_mixing(
     segment_size: int | None = None,
     special_mask: Tensor | None = None,
     local_kernel: int = 3,
+    backend: str = "auto",
 ) -> Tensor:
     """PoNet's mixing step on projected hidden states, linear in ``N``.
 
@@ -325,6 +326,12 @@ def ponet_mixing(
         out of local windows and get zero segment and local terms.
     local_kernel:
         Odd window length of the local max-pooling (3 in PoNet).
+    backend:
+        ``"auto"``: the Triton kernels (``zoo.kernels.ponet_pool``) for CUDA tensors they
+        cover, this module's PyTorch ops otherwise (CPU tensors, float64, segment ids that
+        are not contiguous runs); ``"triton"``: the kernels or a ``ValueError`` (they run on
+        the CPU under ``TRITON_INTERPRET=1``); ``"torch"``: the PyTorch ops. The kernels give
+        the gradient of a max to its first maximal token; the PyTorch ops split it among ties.
 
     Returns
     -------
@@ -343,6 +350,58 @@ def ponet_mixing(
         special_mask,
         local_kernel,
     )
+    mixing_args = (num_heads, padding_mask, segment_ids, segment_size, special_mask, local_kernel)
+    ranks = _triton_segment_ranks(backend, q, (k, o, local, segment), segment_ids)
+    if ranks is not None:
+        from zoo.kernels.ponet_pool import ponet_pool_mixing
+
+        return ponet_pool_mixing(
+            q, k, o, local, segment, *mixing_args, segment_ranks=ranks if segment_ids is not None else None
+        )
+    return _ponet_mixing_torch(q, k, o, local, segment, *mixing_args)
+
+
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _triton_segment_ranks(
+    backend: str, q: Tensor, others: tuple[Tensor, ...], segment_ids: Tensor | None
+) -> tuple[Tensor, int] | tuple[()] | None:
+    """``None``: run PyTorch. Else the Triton kernels run, with these segment run numbers
+    (``()`` without ``segment_ids``). ``backend="triton"`` that cannot run raises ``ValueError``."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return None
+    from zoo.kernels.ponet_pool import contiguous_segment_ranks, ponet_pool_supports
+
+    reason, ranks = ponet_pool_supports(q), ()
+    if reason is None and any(t.dtype != q.dtype or t.device != q.device for t in others):
+        reason = "the kernels need q, k, o, local and segment of one dtype and device"
+    if reason is None and segment_ids is not None:
+        ranks = contiguous_segment_ranks(segment_ids.to(q.device), q.shape[0])
+        if ranks is None:
+            reason = "the kernels need every segment to be one contiguous run of tokens"
+    if reason is not None:
+        if backend == "triton":
+            raise ValueError(f"backend: 'triton' cannot run here: {reason}")
+        return None
+    return ranks
+
+
+def _ponet_mixing_torch(
+    q: Tensor,
+    k: Tensor,
+    o: Tensor,
+    local: Tensor,
+    segment: Tensor,
+    num_heads: int,
+    padding_mask: Tensor | None,
+    segment_ids: Tensor | None,
+    segment_size: int | None,
+    special_mask: Tensor | None,
+    local_kernel: int,
+) -> Tensor:
     real = padding_mask
     g = _global_aggregation(q, k, real, num_heads)
     seg = _segment_max(segment, real, segment_ids, segment_size)
@@ -415,17 +474,29 @@ class PoNetMixer(nn.Module):
         """Mix ``x`` (``B, N, C``); see ``ponet_mixing`` for the arguments. Returns ``(B, N, C)``."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape (B, N, {self.dim}), got {tuple(x.shape)}")
-        mixing = ponet_mixing if self.fused else ponet_mixing_reference
-        return mixing(
-            self.dense_q(x),
-            self.dense_k(x),
-            self.dense_o(x),
-            self.dense_local(x),
-            self.dense_segment(x),
-            self.num_heads,
-            padding_mask=padding_mask,
-            segment_ids=segment_ids,
-            segment_size=segment_size,
-            special_mask=special_mask,
-            local_kernel=self.local_kernel,
+        projected = self.project(x)
+        q, k, o, local, segment = projected.split(self.dim, dim=-1)
+        args = (self.num_heads, padding_mask, segment_ids, segment_size, special_mask, self.local_kernel)
+        if not self.fused:
+            return ponet_mixing_reference(q, k, o, local, segment, *args)
+        _check_inputs(q, k, o, local, segment, *args)
+        ranks = _triton_segment_ranks("auto", q, (), segment_ids)
+        if ranks is None:
+            return _ponet_mixing_torch(q, k, o, local, segment, *args)
+        from zoo.kernels.ponet_pool import ponet_pool_mixing_packed
+
+        return ponet_pool_mixing_packed(
+            projected, *args, segment_ranks=ranks if segment_ids is not None else None
         )
+
+    def project(self, x: Tensor) -> Tensor:
+        """``cat([dense_q(x), dense_k(x), dense_o(x), dense_local(x), dense_segment(x)], -1)``, one GEMM.
+
+        The five weights (``5 C x C``, small next to the activations) are concatenated at
+        each call, so the parameters and their gradients stay those of the five layers.
+        """
+        layers = (self.dense_q, self.dense_k, self.dense_o, self.dense_local, self.dense_segment)
+        weight = torch.cat([layer.weight for layer in layers])
+        biases = [layer.bias for layer in layers]
+        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        return F.linear(x, weight, bias)
