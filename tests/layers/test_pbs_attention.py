@@ -195,3 +195,26 @@ def test_bad_inputs_raise_clear_errors():
         layer.estimate(torch.randn(1, 4, 64, 8), torch.randn(1, 3, 64, 8))
     with pytest.raises(ValueError, match="v: expected"):
         layer(torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 50, 8))
+
+
+def test_kept_lists_equal_dense_conversion():
+    from zoo.layers.pbs_attention import _kept_lists
+
+    keep = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.4
+    counts, indices = _kept_lists(keep)
+    mask = BlockSparseMask(16, 16, 80, 112, counts, indices)
+    assert torch.equal(mask.to_dense(), keep)
+    assert torch.equal(counts, keep.sum(-1, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+def test_estimate_on_gpu_bf16_matches_fp64_estimate():
+    q, k, v = structured_qkv(1, 8, 2, 2048, 2048, 64, seed=4)
+    layer = PBSAttention(block_size=128, segment_size=256, threshold=0.9)
+    cpu = layer.estimate(q, k)
+    gpu = layer.estimate(q.cuda().bfloat16(), k.cuda().bfloat16())
+    same_perm = (gpu.key_perm.cpu() == cpu.key_perm).float().mean()
+    assert same_perm > 0.8  # bf16 logits may swap near-equal keys inside a segment
+    assert abs(gpu.density(causal=True) - cpu.density(causal=True)) < 0.05
+    out = layer(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16())
+    assert torch.isfinite(out).all()

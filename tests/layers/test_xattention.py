@@ -337,3 +337,34 @@ def test_non_contiguous_inputs_give_the_contiguous_result():
         MInference("block_sparse", block_size=16, topk=2),
     ):
         torch.testing.assert_close(layer(q, k, v), layer(q.contiguous(), k.contiguous(), v.contiguous()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n,m", [(96, 96), (70, 130)])
+def test_vectorised_selection_equals_explicit_rule_on_random_scores(causal, n, m):
+    """``select`` (one sort, cumsum, compare) against the row-by-row rule, with tied and zero scores."""
+    g = torch.Generator().manual_seed(5)
+    block, heads = 16, 4
+    qb, kb = -(-n // block), -(-m // block)
+    scores = torch.rand(2, heads, qb, kb, generator=g)
+    scores[..., ::3] = 0.25  # ties, broken by block id
+    scores[scores < 0.1] = 0.0
+    taus = torch.tensor([0.0, 0.5, 0.95, 1.0])
+    mask = XAttention(block_size=block, stride=4, threshold=taus).select(scores, n, m, causal)
+    assert mask.kv_indices.shape[-1] == kb and mask.kv_indices.dtype == torch.int32
+    assert torch.equal(mask.to_dense(), explicit_selection(scores, taus, n, m, block, causal))
+    valid = torch.arange(kb) < mask.kv_num_blocks[..., None]
+    listed = torch.where(valid, mask.kv_indices, kb)
+    assert torch.equal(listed, listed.sort(-1).values)  # ascending lists
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride", [8, 16])
+def test_estimate_on_gpu_bf16_matches_cpu_selection(stride):
+    torch.manual_seed(0)
+    q, k = structured_qk(1, 8, 2, 2048, 2048, 64, dtype=torch.float32)
+    layer = XAttention(block_size=128, stride=stride, threshold=0.9)
+    cpu = layer.estimate(q, k).to_dense()
+    gpu = layer.estimate(q.cuda().bfloat16(), k.cuda().bfloat16()).to_dense().cpu()
+    assert (cpu != gpu).float().mean() < 0.02
+    assert gpu[..., 0].all()  # first key block always kept

@@ -47,20 +47,33 @@ def _acc(t: Tensor) -> Tensor:
 
 
 def _grouped_last_block_importance(q: Tensor, k: Tensor, last: int, causal: bool) -> Tensor:
-    """Mean attention of the last ``last`` queries to each key, per key head: ``[B, Hkv, M]`` fp32."""
+    """Mean attention of the last ``last`` queries to each key, per key head: ``[B, Hkv, M]`` fp32.
+
+    One batched matmul for all key heads in the inputs' dtype (fp32 accumulation on tensor cores
+    for bf16/fp16); the causal mask touches only the last ``last`` keys; softmax in fp32.
+    """
     batch, heads, n, dim = q.shape
     kv_heads, m = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    q_last = _acc(q[:, :, n - last :]).reshape(batch, kv_heads, group * last, dim)
-    importance = torch.empty(batch, kv_heads, m, dtype=q_last.dtype, device=q.device)
-    query_pos = (m - n) + torch.arange(n - last, n, device=q.device).repeat(group)
-    key_pos = torch.arange(m, device=q.device)
-    for hk in range(kv_heads):  # one key head at a time bounds the [group*last, M] logits
-        logits = torch.matmul(q_last[:, hk], _acc(k[:, hk]).transpose(-1, -2)) * dim**-0.5
-        if causal:
-            logits = logits.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
-        importance[:, hk] = torch.softmax(logits, dim=-1).mean(dim=1)
-    return importance
+    low_precision = q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype
+    compute = q.dtype if low_precision else _acc(q).dtype
+    q_last = q[:, :, n - last :].to(compute).reshape(batch, kv_heads, group * last, dim)
+    logits = torch.matmul(q_last, k.to(compute).transpose(-1, -2))  # [B, Hkv, G*last, M]
+    if causal:  # only keys after the first of the last queries can be in its future
+        tail = min(m, last)
+        query_pos = (m - n) + torch.arange(n - last, n, device=q.device).repeat(group)
+        key_pos = torch.arange(m - tail, m, device=q.device)
+        logits[..., m - tail :].masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
+    acc = torch.float64 if compute == torch.float64 else torch.float32
+    return torch.softmax(logits.mul_(dim**-0.5), dim=-1, dtype=acc).mean(dim=2)
+
+
+def _kept_lists(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """bool ``[..., Kb]`` -> (int32 counts, int32 ascending ids ``[..., Kb]``) without a host sync."""
+    num_k_blocks = keep.shape[-1]
+    ids = torch.arange(num_k_blocks, device=keep.device, dtype=torch.int32)
+    listed = torch.sort(torch.where(keep, ids, num_k_blocks), dim=-1).values
+    return keep.sum(-1, dtype=torch.int32), listed
 
 
 def _select_by_threshold(scores: Tensor, allowed: Tensor, threshold: float) -> Tensor:
@@ -158,20 +171,36 @@ class PBSAttention(nn.Module):
         group = heads // kv_heads
         bs = self.block_size
         num_q_blocks, num_k_blocks = _ceil_div(n, bs), _ceil_div(m, bs)
-        q_pad = torch.nn.functional.pad(_acc(q), (0, 0, 0, num_q_blocks * bs - n))
-        q_counts = torch.clamp(n - torch.arange(num_q_blocks, device=q.device) * bs, max=bs).float()
-        pooled_q = q_pad.reshape(batch, heads, num_q_blocks, bs, dim).sum(3) / q_counts[:, None]
-        # slot of each original key -> its key block; pool keys by scattering (no permuted copy of K)
+        acc = _acc(q[..., :1, :1]).dtype
+        full = n // bs  # whole blocks are summed in place (fp32 accumulation, no fp32 copy of Q)
+        pooled_q = q[:, :, : full * bs].reshape(batch, heads, full, bs, dim).sum(3, dtype=acc)
+        if n > full * bs:
+            tail = q[:, :, full * bs :].sum(2, keepdim=True, dtype=acc)
+            pooled_q = torch.cat([pooled_q, tail], dim=2)
+        q_counts = torch.clamp(n - torch.arange(num_q_blocks, device=q.device) * bs, max=bs).to(acc)
+        pooled_q = pooled_q / q_counts[:, None]
+        # slot of each original key -> its block inside its segment; pool keys with a one-hot
+        # matmul per segment (K is read once, never permuted)
+        seg = self.segment_size
+        per_seg = seg // bs
+        num_segments = _ceil_div(m, seg)
         inverse = torch.empty_like(key_perm)
         inverse.scatter_(-1, key_perm, torch.arange(m, device=q.device).expand_as(key_perm))
-        block_of_key = inverse // bs
-        k_counts = torch.clamp(m - torch.arange(num_k_blocks, device=q.device) * bs, max=bs).float()
-        pooled_k = torch.zeros(batch, kv_heads, num_k_blocks, dim, dtype=pooled_q.dtype, device=q.device)
-        for hk in range(kv_heads):
-            pooled_k[:, hk].scatter_add_(
-                1, block_of_key[:, hk, :, None].expand(batch, m, dim), _acc(k[:, hk])
-            )
-        pooled_k = pooled_k / k_counts[:, None]
+        local_block = (inverse % seg) // bs
+        compute = k.dtype if k.dtype in (torch.bfloat16, torch.float16) else pooled_q.dtype
+        pad = num_segments * seg - m
+        k_seg = k.to(compute)
+        if pad:
+            k_seg = torch.nn.functional.pad(k_seg, (0, 0, 0, pad))
+            local_block = torch.nn.functional.pad(local_block, (0, pad), value=per_seg)
+        onehot = local_block.view(batch, kv_heads, num_segments, 1, seg) == torch.arange(
+            per_seg, device=q.device
+        ).view(1, 1, 1, per_seg, 1)
+        pooled_k = torch.matmul(
+            onehot.to(compute), k_seg.view(batch, kv_heads, num_segments, seg, dim)
+        ).reshape(batch, kv_heads, num_segments * per_seg, dim)[:, :, :num_k_blocks]
+        k_counts = torch.clamp(m - torch.arange(num_k_blocks, device=q.device) * bs, max=bs)
+        pooled_k = pooled_k.to(pooled_q.dtype) / k_counts[:, None].to(pooled_q.dtype)
         logits = torch.matmul(
             pooled_q.reshape(batch, kv_heads, group, num_q_blocks, dim),
             pooled_k[:, :, None].transpose(-1, -2),
@@ -229,15 +258,16 @@ class PBSAttention(nn.Module):
                 blocks = blocks & (first_key[None, :] <= last_pos[:, None])
             return BlockSparseMask.from_dense(blocks, bs, n, m)
         key_perm = self.key_permutation(q, k, causal)
-        allowed, forced = self.block_structure(n, m, key_perm, causal)
-        allowed = allowed.repeat_interleave(group, dim=1)
-        forced = forced.repeat_interleave(group, dim=1)
-        logits = self.block_scores(q, k, key_perm)
+        allowed, forced = self.block_structure(n, m, key_perm, causal)  # [B, Hkv, Qb, Kb]
+        allowed, forced = allowed[:, :, None], forced[:, :, None]  # broadcast over the head group
+        logits = self.block_scores(q, k, key_perm).reshape(batch, kv_heads, group, num_q_blocks, num_k_blocks)
         logits = logits.masked_fill(~allowed, float("-inf"))
         has_any = allowed.any(-1, keepdim=True)
         scores = torch.where(has_any, torch.softmax(torch.where(has_any, logits, 0.0), dim=-1), 0.0)
+        allowed = allowed.expand_as(scores)
         selected = _select_by_threshold(scores, allowed, self.threshold)
-        return BlockSparseMask.from_dense(selected | forced, bs, n, m, key_perm=key_perm)
+        counts, indices = _kept_lists((selected | forced).view(batch, heads, num_q_blocks, num_k_blocks))
+        return BlockSparseMask(bs, bs, n, m, counts, indices, key_perm=key_perm)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None

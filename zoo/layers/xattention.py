@@ -114,6 +114,7 @@ class XAttention(nn.Module):
         self.threshold = _check_threshold(threshold)
         self.backend = backend
         self.chunk_elements = int(chunk_elements)
+        self._tau_cache: dict[tuple[str, int], Tensor] = {}
 
     def extra_repr(self) -> str:
         tau = self.threshold if isinstance(self.threshold, float) else f"tensor{tuple(self.threshold.shape)}"
@@ -134,26 +135,68 @@ class XAttention(nn.Module):
             chunk_elements=self.chunk_elements,
         )
 
-    def estimate(self, q: Tensor, k: Tensor, causal: bool = True):
-        """The kept blocks as a :class:`~zoo.kernels.BlockSparseMask` (``[B, H, Qb, Kmax]``)."""
-        from zoo.kernels import BlockSparseMask
-
-        scores = self.block_scores(q, k, causal)
+    def _threshold_on(self, device: torch.device, heads: int) -> Tensor:
+        """``tau`` as fp32 ``[1, H or 1, 1, 1]`` on ``device``, copied there once (no sync per call)."""
         tau = self.threshold
-        if isinstance(tau, Tensor):
-            if tau.shape[0] != q.shape[1]:
-                raise ValueError(
-                    f"threshold: expected one value per query head, H={q.shape[1]}, got {tau.shape[0]}"
-                )
-            tau = tau.to(scores.device)
-            full = (tau >= 1.0).view(1, -1, 1, 1)
+        if isinstance(tau, Tensor) and tau.shape[0] != heads:
+            raise ValueError(f"threshold: expected one value per query head, H={heads}, got {tau.shape[0]}")
+        key = (str(device), heads)
+        cached = self._tau_cache.get(key)
+        if cached is None:
+            value = tau if isinstance(tau, Tensor) else torch.tensor([tau])
+            cached = value.float().view(1, -1, 1, 1).to(device)
+            self._tau_cache[key] = cached
+        return cached
+
+    def select(self, scores: Tensor, q_len: int, kv_len: int, causal: bool = True):
+        """Cumulative-threshold selection over block scores ``[B, H, Qb, Kb]``, on the device.
+
+        Per row: forced blocks (with ``causal``: the first key block and the diagonal blocks)
+        rank first, then the others by score, descending (ties by block id); keep the fewest
+        leading blocks whose scores reach ``tau`` times the row's total over the reachable
+        blocks (at least one); ``tau >= 1`` keeps every reachable block. One fp32 sort, a
+        cumulative sum and a compare pick the blocks; a second (integer) sort lists them in
+        ascending order. No Python loop over rows and no host synchronisation: the index lists
+        are ``Kb`` wide, ``kv_num_blocks`` says how many entries are valid.
+        """
+        from zoo.kernels import BlockSparseMask
+        from zoo.kernels.block_mask import _diagonal_blocks, causal_reachable_blocks
+
+        batch, heads, num_q_blocks, num_k_blocks = scores.shape
+        bs = self.block_size
+        device = scores.device
+        scores = scores.float()
+        if causal:
+            allowed = causal_reachable_blocks(q_len, kv_len, bs, bs, device)
+            forced = _diagonal_blocks(q_len, kv_len, bs, bs, device) & allowed
+            forced[:, 0] = allowed[:, 0]
         else:
-            full = torch.tensor(tau >= 1.0, device=scores.device)
-        # equal scores make the cumulative rule keep every allowed block: heads with tau >= 1 are dense
-        scores = torch.where(full, torch.ones_like(scores), scores)
-        return BlockSparseMask.from_scores(
-            scores, self.block_size, q.shape[2], k.shape[2], threshold=tau, causal=causal
-        )
+            allowed = torch.ones(num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
+            forced = torch.zeros_like(allowed)
+        tau = self._threshold_on(device, heads)
+        masked = torch.where(allowed, scores, 0.0)
+        # forced first (+inf), unreachable last (-1 < any score)
+        priority = torch.where(forced, float("inf"), torch.where(allowed, masked, -1.0))
+        sorted_priority, order = torch.sort(priority, dim=-1, descending=True, stable=True)
+        sorted_scores = torch.gather(masked, -1, order)
+        before = torch.cumsum(sorted_scores, dim=-1) - sorted_scores  # mass ranked before each block
+        row_sum = sorted_scores.sum(-1, keepdim=True)
+        position = torch.arange(num_k_blocks, device=device)
+        num_forced = forced.sum(-1, dtype=torch.int64)[:, None]
+        keep_sorted = (before < tau * row_sum) | (position <= num_forced.clamp_min(1) - 1) | (tau >= 1.0)
+        keep_sorted = keep_sorted & (sorted_priority >= 0)
+        counts = keep_sorted.sum(-1, dtype=torch.int32)
+        indices = torch.sort(torch.where(keep_sorted, order, num_k_blocks), dim=-1).values
+        return BlockSparseMask(bs, bs, q_len, kv_len, counts, indices.to(torch.int32))
+
+    def estimate(self, q: Tensor, k: Tensor, causal: bool = True):
+        """The kept blocks as a :class:`~zoo.kernels.BlockSparseMask` (``[B, H, Qb, Kb]`` lists)."""
+        if isinstance(self.threshold, Tensor) and self.threshold.shape[0] != q.shape[1]:
+            raise ValueError(
+                f"threshold: expected one value per query head, H={q.shape[1]}, got {self.threshold.shape[0]}"
+            )
+        scores = self.block_scores(q, k, causal)
+        return self.select(scores, q.shape[2], k.shape[2], causal)
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
