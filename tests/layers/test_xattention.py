@@ -211,7 +211,10 @@ def test_triton_scores_on_gpu(dtype, block, stride):
     q = torch.randn(2, 8, 1000, 128, device="cuda", dtype=dtype)
     k = torch.randn(2, 2, 1500, 128, device="cuda", dtype=dtype)
     expected = antidiagonal_block_scores_reference(q.float(), k.float(), block, stride)
-    got = antidiagonal_block_scores(q, k, block, stride, chunk_elements=1 << 14)
+    if dtype == torch.bfloat16 and block == 128:  # autotuned (the benchmark's keys)
+        got = antidiagonal_block_scores(q, k, block, stride, chunk_elements=1 << 14)
+    else:  # fixed tiles keep the number of compilations small
+        got = antidiagonal_block_scores_triton(q, k, block, stride, chunk_elements=1 << 14, tile=64)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert ((got - expected).norm() / expected.norm()).item() < tol
 
@@ -225,7 +228,8 @@ def test_triton_scores_on_gpu_long_ragged_gqa(stride, causal):
     k = torch.randn(1, 2, 4100, 128, device="cuda", dtype=torch.bfloat16)
     k[:, :, ::97] += 2.0 * q[0, 0].mean(0)  # strong key columns: scores far from uniform
     expected = antidiagonal_block_scores_reference(q.float(), k.float(), 128, stride, causal=causal)
-    for kwargs in ({}, {"tile": 64, "feature_chunk": 128}, {"tile": 128, "feature_chunk": 64}):
+    configs = [{"tile": 64, "feature_chunk": 128}, {"tile": 128, "feature_chunk": 64}]
+    for kwargs in configs + ([{}] if causal else []):  # {}: autotuned
         got = antidiagonal_block_scores_triton(q, k, 128, stride, causal=causal, **kwargs)
         assert ((got - expected).norm() / expected.norm()).item() < 2e-2
         torch.testing.assert_close(got.sum(-1), expected.sum(-1), rtol=1e-3, atol=1e-3)

@@ -13,7 +13,8 @@ Algorithm:
 2. Keep, per query block, the fewest key blocks whose scores reach a fraction ``tau`` of the
    row (``threshold``, 0.9 by default; a tensor ``[H]`` gives one tau per head). The first key
    block and the diagonal block are always kept; a head with ``tau >= 1`` keeps every reachable
-   block.
+   block. On the device: one fp32 sort per row, a cumulative sum, a compare and an integer sort
+   into the index lists, with no host synchronisation (:meth:`XAttention.select`).
 3. Run block-sparse attention on the kept blocks (:func:`zoo.kernels.block_sparse_attention`).
 
 Beyond the upstream code: batch > 1, grouped-query attention without repeated K/V, block sizes
