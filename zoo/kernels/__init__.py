@@ -16,6 +16,9 @@ _EXPORTS = {
     "antidiagonal_block_scores": "antidiagonal",
     "antidiagonal_block_scores_reference": "antidiagonal",
     "antidiagonal_block_scores_triton": "antidiagonal",
+    # PoNet's pooling mixing step (forward + backward)
+    "ponet_pool_mixing": "ponet_pool",
+    "ponet_pool_mixing_packed": "ponet_pool",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -391,8 +391,8 @@ def contiguous_segment_ranks(segment_ids: Tensor, batch: int) -> tuple[Tensor, i
     starts[:, 1:] = (ids[:, 1:] != ids[:, :-1]).to(torch.int32)
     ranks = starts.cumsum(dim=1, dtype=torch.int32) - 1
     runs = ranks[:, -1] + 1
-    present = torch.zeros(B, N, dtype=torch.int32, device=ids.device).scatter_(1, ids, 1)
-    distinct = present.sum(dim=1, dtype=torch.int32)
+    ordered = ids.sort(dim=1).values
+    distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1, dtype=torch.int32)
     contiguous, most = torch.stack([(distinct == runs).all().to(torch.int32), runs.max()]).tolist()
     return (ranks.contiguous(), int(most)) if contiguous else None
 
