@@ -4,12 +4,14 @@ PoNet (Tan et al., arXiv 2110.02442) mixes tokens by pooling, in time and memory
 sequence length N. This script measures, in one process on one GPU:
 
 1. one encoder layer (token mixer + self-output + FFN, BERT-base width: 768, 12 heads,
-   FFN 3072, bf16, batch 1) with three mixers: PoNet (``zoo.layers.PoNetMixer``, LRA-style
-   equal segments, 64 per sequence, and sentence-style explicit segment ids), BERT self-attention
+   FFN 3072, bf16, batch 1) with three mixers: PoNet (``zoo.layers.PoNetMixer``: one fused
+   projection GEMM and the Triton pooling kernels of ``zoo.kernels.ponet_pool``; LRA-style
+   equal segments, 64 per sequence, and sentence-style explicit segment ids; ``ponet_torch``:
+   the same layer with the PyTorch mixing ops), BERT self-attention
    through ``scaled_dot_product_attention`` restricted to the FlashAttention backend, and FNet's
    Fourier mixing; forward + backward time and peak memory at N = 1k, 4k, 16k, 64k;
-2. the PoNet mixing step alone (after the projections): ours (``ponet_mixing``) in bf16 and
-   fp32 against a plain-PyTorch re-implementation of upstream's LRA step
+2. the PoNet mixing step alone (after the projections): ours (``ponet_mixing``: the Triton
+   kernels on the GPU; ``ours_torch_bf16``: its PyTorch ops) in bf16 and fp32 against a plain-PyTorch re-implementation of upstream's LRA step
    (``examples/LRA/code/attention_ponet.py``: masked fills with -1e4, einsum global step,
    ``MaxPool1d`` on a channels-first copy, segment max by scatter + gather, per-head permutes;
    fp32 as upstream runs it with autocast off; ``torch.scatter_reduce`` stands in for
@@ -17,7 +19,8 @@ sequence length N. This script measures, in one process on one GPU:
 
 Writes ``bench/results/ponet.json`` (device, versions, date, every row; ``--out`` elsewhere)
 and prints two tables. All rows run eagerly; ``--compile`` adds ``torch.compile``'d rows for the
-PoNet layer and mixing step (compilation happens in the warm-up, outside the timings).
+PoNet layer and mixing step on the PyTorch path (compilation happens in the warm-up, outside
+the timings).
 ``--quick`` runs tiny sizes (on the CPU if there is no GPU) to check that the script works.
 """
 
@@ -171,6 +174,8 @@ def _layer_variants(args: argparse.Namespace, n: int, device: torch.device, dtyp
     seg_size = equal_segment_size(n, args.segments)
     sentence_ids = (torch.arange(n, device=device) // 128).expand(args.batch, n)  # 128-token "sentences"
     ponet = _layer("ponet", args.dim, args.heads, args.ffn, device, dtype)
+    ponet_torch = _layer("ponet", args.dim, args.heads, args.ffn, device, dtype)
+    ponet_torch.attention.self.backend = "torch"  # the PyTorch mixing path, for comparison
     sdpa = _layer("sdpa", args.dim, args.heads, args.ffn, device, dtype)
     fnet = _layer("fnet", args.dim, args.heads, args.ffn, device, dtype)
 
@@ -183,13 +188,15 @@ def _layer_variants(args: argparse.Namespace, n: int, device: torch.device, dtyp
     variants: dict[str, Callable[[], torch.Tensor]] = {
         "ponet": lambda: ponet(x, segment_size=seg_size),
         "ponet_ids": lambda: ponet(x, segment_ids=sentence_ids),
+        "ponet_torch": lambda: ponet_torch(x, segment_size=seg_size),
         "sdpa_flash": sdpa_flash,
         "fnet": lambda: fnet(x),
     }
     if args.compile:
-        ponet_compiled = torch.compile(ponet)
-        variants["ponet_compiled"] = lambda: ponet_compiled(x, segment_size=seg_size)
-    return variants, [x, *ponet.parameters(), *sdpa.parameters(), *fnet.parameters()]
+        ponet_compiled = torch.compile(ponet_torch)  # the Triton path is not traced by dynamo
+        variants["ponet_torch_compiled"] = lambda: ponet_compiled(x, segment_size=seg_size)
+    layers = (ponet, ponet_torch, sdpa, fnet)
+    return variants, [x, *(p for layer in layers for p in layer.parameters())]
 
 
 def bench_layers(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
@@ -216,6 +223,7 @@ def bench_mixing(args: argparse.Namespace, device: torch.device) -> list[dict[st
     for n in args.seq_lens:
         impls = [
             ("ours_bf16", torch.bfloat16),
+            ("ours_torch_bf16", torch.bfloat16),
             ("ours_fp32", torch.float32),
             ("upstream_fp32", torch.float32),
         ]
@@ -237,8 +245,9 @@ def bench_mixing(args: argparse.Namespace, device: torch.device) -> list[dict[st
                 real = torch.ones(args.batch, n, device=device, dtype=torch.bool)
                 size = equal_segment_size(n, args.segments)
                 mixing = _compiled_mixing() if impl.endswith("_compiled") else ponet_mixing
-                fn = lambda inputs=inputs, real=real, size=size, mixing=mixing: mixing(  # noqa: E731
-                    *inputs, args.heads, padding_mask=real, segment_size=size
+                backend = "torch" if "_torch" in impl or impl.endswith("_compiled") else "auto"
+                fn = lambda inputs=inputs, real=real, size=size, mixing=mixing, backend=backend: mixing(  # noqa: E731
+                    *inputs, args.heads, padding_mask=real, segment_size=size, backend=backend
                 )
             result = measure(fn, inputs, device, args.warmup, args.repeats)
             rows.append({"part": "mixing", "n": n, "impl": impl, **result})

@@ -453,6 +453,7 @@ class PoNetMixer(nn.Module):
         self.num_heads = num_heads
         self.local_kernel = local_kernel
         self.fused = True  # False: the plain reference path (dense N x N segment mask)
+        self.backend = "auto"  # of the fused path: "auto" | "triton" | "torch" (see ponet_mixing)
         self.dense_q = nn.Linear(dim, dim, bias=bias)
         self.dense_k = nn.Linear(dim, dim, bias=bias)
         self.dense_o = nn.Linear(dim, dim, bias=bias)
@@ -460,7 +461,10 @@ class PoNetMixer(nn.Module):
         self.dense_segment = nn.Linear(dim, dim, bias=bias)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, local_kernel={self.local_kernel}, fused={self.fused}"
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, local_kernel={self.local_kernel}, "
+            f"fused={self.fused}, backend={self.backend}"
+        )
 
     def forward(
         self,
@@ -480,7 +484,7 @@ class PoNetMixer(nn.Module):
         if not self.fused:
             return ponet_mixing_reference(q, k, o, local, segment, *args)
         _check_inputs(q, k, o, local, segment, *args)
-        ranks = _triton_segment_ranks("auto", q, (), segment_ids)
+        ranks = _triton_segment_ranks(self.backend, q, (), segment_ids)
         if ranks is None:
             return _ponet_mixing_torch(q, k, o, local, segment, *args)
         from zoo.kernels.ponet_pool import ponet_pool_mixing_packed
