@@ -492,6 +492,8 @@ def antidiagonal_block_scores_triton(
         q, k = q.float(), k.float()
     lse = torch.empty(batch, heads, min(rows, chunk_rows), num_k_blocks, dtype=torch.float32, device=q.device)
     score_kernel, sum_kernel = _kernel("scores"), _kernel("blocks")
+    if fixed and not interpret:  # fixed tiles: the JIT kernel under the autotuner
+        score_kernel = score_kernel.fn
     for r0 in range(0, rows, chunk_rows):
         count = min(rows, r0 + chunk_rows) - r0
         offset = (m - n) + r0 * s
@@ -499,7 +501,11 @@ def antidiagonal_block_scores_triton(
         def grid(meta: dict, count: int = count, offset: int = offset) -> tuple[int, int]:
             return (_tile_count(count, cols, offset, s, meta["BLOCK_T"], causal), batch * heads)
 
-        meta = {"BLOCK_T": tile, "BLOCK_K": feature_chunk} if fixed else {}
+        meta: dict[str, Any] = {}
+        if fixed:
+            meta = {"BLOCK_T": tile, "BLOCK_K": feature_chunk}
+            if not interpret:
+                meta.update(num_warps=8 if tile >= 128 else 4, num_stages=3)
         score_kernel[grid](
             q,
             k,
