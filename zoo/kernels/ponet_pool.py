@@ -68,12 +68,13 @@ __all__ = [
 ]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MASKED_LOGIT = -1.0e30  # pads' logits: finite, so a row without real tokens gives no NaN
 
 
 # ----------------------------------------------------------------------------- kernels
 
 if tl is not None:
+    # pads' logits: finite, so that a row without real tokens gives no NaN
+    MASKED_LOGIT = tl.constexpr(-1.0e30)
 
     @triton.jit
     def _running_segment_max(v1, s1, v2, s2):
@@ -158,7 +159,7 @@ if tl is not None:
         k = k.to(tl.float32)
         q_mean = tl.load(QMean + b64 * C + cols, mask=col_in, other=0.0)
         logits = tl.sum(k * q_mean[None, :], 1) * scale
-        logits = tl.where(real, logits, _MASKED_LOGIT)
+        logits = tl.where(real, logits, MASKED_LOGIT)
         logits = tl.where(row_in, logits, float("-inf"))
         tile_max = tl.max(logits, 0)
         p = tl.exp(logits - tile_max)
@@ -326,7 +327,7 @@ if tl is not None:
         g = tl.load(G + b64 * C + cols, mask=col_in, other=0.0)
         dg = tl.load(Dg + b64 * C + cols, mask=col_in, other=0.0)
         lse = tl.load(Lse + b64 * H + h)
-        logits = tl.where(real, tl.sum(k * q_mean[None, :], 1) * scale, _MASKED_LOGIT)
+        logits = tl.where(real, tl.sum(k * q_mean[None, :], 1) * scale, MASKED_LOGIT)
         attn = tl.where(row_in, tl.exp(logits - lse), 0.0)
         d_logits = attn * (tl.sum(k * dg[None, :], 1) - tl.sum(dg * g, 0))
         d_k = attn[:, None] * dg[None, :] + d_logits[:, None] * (q_mean * scale)[None, :]
