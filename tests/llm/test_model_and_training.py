@@ -39,6 +39,30 @@ def test_checkpoint_round_trip_gives_same_logits(tmp_path, tiny_llama):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, tiny_llama(input_ids=ids).logits)
 
 
+def test_cast_keeps_rotary_frequencies_exact():
+    model = zoo.create("zoo_llama_9m", **TINY).eval()
+    exact = model.model.rotary_emb.inv_freq.clone()
+    ids = torch.randint(3, 300, (1, 6))
+    positions = torch.tensor([[0, 1, 500, 2000, 4000, 8000]])
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=positions).logits
+        model.to(torch.bfloat16)
+        got = model(input_ids=ids, position_ids=positions).logits.float()
+        model.to(torch.float32)
+        back = model(input_ids=ids, position_ids=positions).logits
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, exact, rtol=0, atol=0)
+    torch.testing.assert_close(back, want, rtol=1e-3, atol=1e-2)  # weights rounded to bf16 once
+    # the cast model's phases stay exact: only weight rounding separates it from fp32
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+    with torch.no_grad():  # rounding the frequencies as a plain cast would, errs far more at 8000
+        model.to(torch.bfloat16)
+        model.model.rotary_emb._forward_pre_hooks.clear()
+        model.model.rotary_emb.inv_freq = exact.to(torch.bfloat16)
+        rounded = model(input_ids=ids, position_ids=positions).logits.float()
+    assert (rounded - want)[0, 3:].abs().max() > (got - want)[0, 3:].abs().max()
+
+
 def test_gcide_cleaning_joins_entries_and_drops_markers():
     raw = (
         "00-database-info\n   header\n\nA \\A\\ (named)\n   The first letter.\n   [1913 Webster]\n\n"
@@ -114,6 +138,22 @@ def test_training_resumes_and_exports_shippable_files(trained):
     assert record["config"]["vocab_size"] == 300 and record["metrics"]["val_ppl_32"] > 1.0
     weights = checkpoints.load(out / f"{name}.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in weights.values()) and "lm_head.weight" not in weights
+
+
+def test_training_can_continue_from_exported_weights(trained, tiny_corpus, tmp_path):
+    out, _, _ = trained
+    folder, _ = tiny_corpus
+    name = "zoo_llama_9m.kjv_gcide"
+    overrides = [f"{k}={v}" for k, v in TINY.items() if k != "vocab_size"]
+    args = ["-q", "train", "lm", "--data", str(folder), "--out", str(tmp_path), "--seq-len", "32"]
+    args += ["--long-seq-len", "64", "--batch-tokens", "256", "--max-steps", "1", "--lr", "1e-12"]
+    args += ["--device", "cpu", "--init", str(out / f"{name}.safetensors"), "--set", *overrides]
+    assert main(args) == 0
+    start = checkpoints.load(out / f"{name}.safetensors")
+    after = checkpoints.load(tmp_path / f"{name}.safetensors")
+    assert start.keys() == after.keys()
+    for key in start:  # one step at a negligible learning rate: the weights it started from
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=0)
 
 
 def test_exported_record_registers_as_pretrained_weights(trained):

@@ -73,6 +73,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
         device=args.device,
         compile=args.compile,
         overrides=_key_values(args.set, "--set"),
+        init=args.init,
     )
     summary = train_lm(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "config")}, indent=1))
@@ -301,6 +302,9 @@ def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument(
         "--set", nargs="*", metavar="KEY=VALUE", help="architecture overrides, e.g. num_hidden_layers=4"
+    )
+    p.add_argument(
+        "--init", help="weights to continue training from (ignored when OUT/checkpoint.pt resumes)"
     )
     p.set_defaults(func=cmd_train_lm)
 

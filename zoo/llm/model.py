@@ -68,6 +68,24 @@ def _drop_tied_head(module: nn.Module, state_dict: dict, prefix: str, local_meta
     state_dict.pop(prefix + "lm_head.weight", None)
 
 
+def _keep_rotary_frequencies_fp32(model: nn.Module) -> None:
+    """Keep RoPE's ``inv_freq`` exact in fp32 when the model is cast (``model.to(torch.bfloat16)``).
+
+    A cast rounds the frequencies to 8 mantissa bits; at position p the phase then drifts by
+    p times that error, which destroys retrieval a few thousand tokens back.
+    """
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or not isinstance(getattr(rotary, "inv_freq", None), torch.Tensor):
+        return
+    exact = rotary.inv_freq.detach().float().cpu().clone()
+
+    def restore(module: nn.Module, args: tuple) -> None:
+        if module.inv_freq.dtype != torch.float32:
+            module.inv_freq = exact.to(module.inv_freq.device)
+
+    rotary.register_forward_pre_hook(restore)
+
+
 def build_llama(
     vocab_size: int = 4096,
     hidden_size: int = 384,
@@ -110,6 +128,7 @@ def build_llama(
         attn_implementation=attn_implementation,
     )
     model = LlamaForCausalLM(config)
+    _keep_rotary_frequencies_fp32(model)
     if tie_word_embeddings:
         model.register_state_dict_post_hook(_drop_tied_head)
     return model

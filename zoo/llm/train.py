@@ -68,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture config overrides
+    init: str | None = None  # weights to start from (continued training) when there is no checkpoint
 
 
 def _device(name: str) -> torch.device:
@@ -177,7 +178,12 @@ def train_lm(cfg: TrainConfig) -> dict[str, Any]:
     val_tokens = torch.from_numpy(load_token_file(data / "val.bin").astype("int64"))
     overrides = dict(cfg.overrides)
     overrides.setdefault("vocab_size", tokenizer.get_vocab_size())
-    model = zoo.create(cfg.arch, **overrides).to(device)
+    ckpt_path = out / "checkpoint.pt"
+    if cfg.init and not ckpt_path.is_file():
+        model = zoo.create(cfg.arch, checkpoint=cfg.init, **overrides).to(device)
+        log.info("starting from the weights in %s", cfg.init)
+    else:
+        model = zoo.create(cfg.arch, **overrides).to(device)
     max_context = model.config.max_position_embeddings
     if cfg.long_seq_len > max_context or cfg.seq_len > max_context:
         raise ValueError(
@@ -193,7 +199,6 @@ def train_lm(cfg: TrainConfig) -> dict[str, Any]:
     )
     generator = torch.Generator().manual_seed(cfg.seed)
     step, progress, best, history = 0, 0.0, {"val_ppl": float("inf"), "step": -1}, []
-    ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"], strict=False)
