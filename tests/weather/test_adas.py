@@ -102,7 +102,7 @@ def test_osse_configs_forward_backward():
     model = zoo.create("adas_osse_tiny", grad_checkpointing=True, residual=False)
     x = torch.randn(2, 3, 16, 32)
     m = (torch.rand_like(x) < 0.2).float()
-    out = model(x, x * m, m)
+    out = model(x, torch.randn_like(x) * m, m)
     unify_mae(out, torch.zeros_like(out)).backward()
     for name in (
         "embed_background.upper.weight",
@@ -175,3 +175,80 @@ def test_cuda_official_checkpoint_gives_reference_analysis(tmp_path):
         out = model(bg, obs, mask)
         ref = adas_reference_forward({k: v.cuda() for k, v in state.items()}, bg, obs, mask, CFG)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def _smooth_fields(g, n, amplitude, grid=(16, 32)):
+    """Sums of random low-order cos(k lat) cos(m lon + phase) waves, shape ``(n, 3, *grid)``."""
+    lat = torch.linspace(-1.4, 1.4, grid[0]).view(-1, 1)
+    lon = torch.arange(grid[1]).view(1, -1) * (2 * torch.pi / grid[1])
+    out = torch.zeros(n, 3, *grid)
+    for _ in range(6):
+        k = torch.randint(1, 4, (n, 3, 1, 1), generator=g).float()
+        m = torch.randint(0, 4, (n, 3, 1, 1), generator=g).float()
+        phase = 6.28 * torch.rand(n, 3, 1, 1, generator=g)
+        out += torch.randn(n, 3, 1, 1, generator=g) * torch.cos(k * lat) * torch.cos(m * lon + phase)
+    return amplitude * out / 2
+
+
+def test_innovation_variant_equals_plain_adas_fed_scaled_departures():
+    torch.manual_seed(0)
+    model = zoo.create("adas_osse_tiny").eval()
+    assert model.innovation and model.residual
+    plain = zoo.create("adas_osse_tiny", innovation=False, residual=False).eval()
+    with torch.no_grad():  # a non-zero increment head, so the check sees the output scaling too
+        for p in model.recover.parameters():
+            p.normal_(0.0, 0.05)
+    scale = torch.tensor([0.05, 0.2, 0.7])
+    model.set_increment_scale(scale)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "increment_scale"})
+    g = torch.Generator().manual_seed(1)
+    bg = torch.randn(2, 3, 16, 32, generator=g)
+    mask = (torch.rand(2, 3, 16, 32, generator=g) < 0.1).float()
+    obs = torch.randn(2, 3, 16, 32, generator=g)
+    departure = (obs - bg) * mask / scale.view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = bg.double() + scale.view(1, 3, 1, 1).double() * plain(bg, departure, mask).double()
+        got = model(bg, torch.where(mask > 0, obs, torch.full_like(obs, float("nan"))), mask)
+    assert torch.isfinite(got).all()  # unobserved values, even NaN, never enter
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_increment_scale_is_saved_and_checked(tmp_path):
+    model = zoo.create("adas_osse_tiny")
+    model.set_increment_scale([0.1, 0.2, 0.3])
+    path = checkpoints.save(model.state_dict(), tmp_path / "adas.safetensors")
+    again = zoo.create("adas_osse_tiny", checkpoint=path)
+    torch.testing.assert_close(again.increment_scale, torch.tensor([0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match=r"scale: expected 3 positive finite values, got \[0.1, 0.0, 0.3\]"):
+        model.set_increment_scale([0.1, 0.0, 0.3])
+    with pytest.raises(ValueError, match="scale: expected 3 positive"):
+        model.set_increment_scale([0.1, 0.2])
+    official = zoo.create("adas_fengwu69_0p25", **OVERRIDES)
+    assert "increment_scale" not in official.state_dict()
+    with pytest.raises(ValueError, match="neither residual nor innovation"):
+        official.set_increment_scale([1.0] * official.channels)
+
+
+def test_adas_learns_from_observations():
+    """One background and one observing mask for all samples: only the observed values tell the
+    samples apart, so the analysis error can fall well below the background's only through the
+    observation stream (an Adas that ignores it stays near 0.9 of the background error)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    n = 4
+    bg = _smooth_fields(g, 1, 1.0).expand(n, -1, -1, -1)
+    truth = bg + _smooth_fields(g, n, 0.05)
+    mask = (torch.rand(1, 3, 16, 32, generator=g) < 0.1).float().expand(n, -1, -1, -1)
+    obs = (truth + 0.005 * torch.randn(truth.shape, generator=g)) * mask
+    model = zoo.create("adas_osse_tiny")
+    model.set_increment_scale([0.05] * 3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = unify_mae(model(bg, obs, mask), truth)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        analysis = model.eval()(bg, obs, mask)
+    ratio = (analysis - truth).pow(2).mean().sqrt() / (bg - truth).pow(2).mean().sqrt()
+    assert ratio < 0.6, float(ratio)

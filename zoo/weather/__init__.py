@@ -49,6 +49,7 @@ def _adas_config(**kw: Any) -> dict[str, Any]:
         grad_checkpointing=False,
         fused_attention=True,
         residual=False,
+        innovation=False,
     )
     cfg.update(kw)
     return cfg
@@ -60,7 +61,8 @@ def _build_adas(**cfg: Any):
     return Adas(**cfg)
 
 
-# shared by the OSSE configs: geopotential, u, v at one level; the model predicts the increment
+# shared by the OSSE configs: geopotential, u, v at one level; the model reads innovations and
+# predicts the increment, both in units of the background error (see zoo.weather.adas.Adas)
 _OSSE_ADAS = dict(
     levels=1,
     surface_variables=0,
@@ -69,6 +71,7 @@ _OSSE_ADAS = dict(
     num_heads=2,
     drop_path_rate=0.0,
     residual=True,
+    innovation=True,
 )
 
 _ADAS_VARIANTS = {

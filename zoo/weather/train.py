@@ -7,12 +7,16 @@ Follows FengWu-Adas (arXiv 2312.12462) on our shallow-water OSSE:
   ``(x_{t-6h}, x_t)``, MSE on normalised states;
 - ``adas``: as in the paper, the background of each step is the forecaster's 6-hour forecast
   from the previous *analyses* (``B`` parallel cycling streams walk through the training years;
-  a stream restarts from the truth at random times, on average every 4 cycles at first and
-  every ``restart_every`` cycles by the end, so the model meets small errors before large), observations are the truth plus Gaussian
-  errors at a random 10%, 1% or 0.1% of grid values, loss UnifyMAE;
+  a stream restarts from the truth every cycle during the first 10% of the run, then with
+  probability ``1 / restart_every`` per cycle, and at once when its background error passes
+  ``max_error_growth`` times a 6-hour forecast's), observations are the truth plus Gaussian
+  errors at a random 10%, 1% or 0.1% of grid values, loss UnifyMAE. The OSSE Adas reads
+  innovations and predicts increments in units of the 6-hour forecast error, measured before
+  training and stored in the checkpoint (:class:`zoo.weather.adas.Adas`);
 - ``eval``: on the held-out year, WeatherBench2 RMSE / bias / ACC of the background, OI
-  (3D-Var) and Adas at 10%, 1% and 0.1% observations, a cycling run (RMSE over time, PNG) and
-  a map of analysis increments.
+  (3D-Var) and Adas at 10%, 1% and 0.1% observations, a cycling run (RMSE over time, PNG;
+  reported as ``diverged`` when its last 30 days are no better than climatology) and a map of
+  analysis increments.
 
 Every stage has a wall-clock budget (``--minutes``), saves resumable state in ``--out`` and
 writes a JSON of its results there; checkpoints are ``.safetensors`` with a ``.json`` sidecar
@@ -76,8 +80,9 @@ def _year_tensors(data: Path, years: Sequence[int], nlat: int, nlon: int) -> lis
 def _save_model(out: Path, name: str, model: torch.nn.Module, meta: dict, half: bool = False) -> Path:
     from zoo import checkpoints
 
+    params = {k for k, _ in model.named_parameters()}  # buffers (e.g. increment_scale) stay fp32
     state = {
-        k: (v.to(torch.bfloat16) if half and v.is_floating_point() else v)
+        k: (v.to(torch.bfloat16) if half and k in params and v.is_floating_point() else v)
         for k, v in model.state_dict().items()
     }
     path = checkpoints.save(state, out / f"{name}.safetensors")
@@ -155,7 +160,7 @@ def train_forecaster(
     (test,) = _year_tensors(data, [TEST_YEAR], nlat, nlon)
     norm = Normalisation.fit(torch.cat([y[::5].cpu() for y in years]), layout.channel_names())
     years = [norm.normalise(y) for y in years]
-    config = dict(grid=(nlat, nlon), **(overrides or {}))
+    config = {"grid": (nlat, nlon), **(overrides or {})}
     model = create_model(arch, **config).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state = _TrainingState(out / "forecaster_train.pt", model, opt)
@@ -244,6 +249,26 @@ def _load_checkpoint_model(path: Path, device: torch.device):
     return model, meta
 
 
+def _background_error_scale(
+    fmodel: torch.nn.Module, years: list[torch.Tensor], gen: torch.Generator, amp: bool, samples: int = 64
+) -> torch.Tensor:
+    """Per-channel RMS of ``truth - forecast`` (normalised units) for 6-hour forecasts from the truth."""
+    dev = years[0].device
+    sq, n = 0.0, 0
+    for _ in range(0, samples, 16):
+        windows, truths = [], []
+        for _ in range(16):
+            w = int(torch.randint(len(years), (1,), generator=gen))
+            t = int(torch.randint(2, years[w].shape[0], (1,), generator=gen))
+            windows.append(years[w][t - 2 : t])
+            truths.append(years[w][t])
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            background = fmodel(torch.stack(windows)).float()
+        sq = sq + (torch.stack(truths) - background).pow(2).mean((0, 2, 3))
+        n += 1
+    return (sq / n).sqrt().clamp_min(1e-6)
+
+
 def train_adas(
     data: str | Path,
     out: str | Path,
@@ -251,9 +276,11 @@ def train_adas(
     arch: str = "adas_osse_64x128",
     minutes: float = 3.0,
     max_steps: int = 4000,
-    streams: int = 8,
-    restart_every: int = 40,
-    lr: float = 5e-4,
+    streams: int = 16,
+    restart_every: int = 20,
+    max_error_growth: float = 3.0,
+    lr: float = 1e-3,
+    warmup: int = 50,
     fractions: Sequence[float] = FRACTIONS,
     nlat: int = 64,
     nlon: int = 128,
@@ -261,7 +288,18 @@ def train_adas(
     seed: int = 0,
     overrides: dict | None = None,
 ) -> dict[str, Any]:
-    """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``."""
+    """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``.
+
+    ``streams`` cycling streams form the batch. Each step forecasts the next background from
+    each stream's last two analyses, draws observations (a random fraction of ``fractions``)
+    from the truth, and trains on ``unify_mae(analysis, truth)``. A stream restarts from the
+    truth with probability ``1 / restart_every`` per cycle (every cycle for the first 10% of
+    the run, so the model first meets plain 6-hour backgrounds), and at once when its
+    background error exceeds ``max_error_growth`` times that of a 6-hour forecast from the
+    truth: a poor early Adas would otherwise feed the training with free-forecast errors far
+    outside what a working cycle produces. Before training, the model's ``increment_scale``
+    (when it has one) is set to the RMS 6-hour forecast error per channel.
+    """
     from zoo.weather import create_model
     from zoo.weather.adas import unify_mae
 
@@ -275,29 +313,38 @@ def train_adas(
     norm = Normalisation.from_dict(fmeta["normalisation"])
     layout = osse_layout(nlat, nlon)
     years = [norm.normalise(t.to(dev)) for t in _year_tensors(data, TRAIN_YEARS, nlat, nlon)]
-    config = dict(grid=(nlat, nlon), **(overrides or {}))
+    config = {"grid": (nlat, nlon), **(overrides or {})}
     model = create_model(arch, **config).to(dev)
+    amp = dev.type == "cuda"
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    error_scale = _background_error_scale(fmodel, years, gen, amp)
+    if hasattr(model, "set_increment_scale"):
+        try:
+            model.set_increment_scale(error_scale)
+        except ValueError:
+            pass  # a model without residual/innovation has no scale to set
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state = _TrainingState(out / "adas_train.pt", model, opt)
     step0 = state.resume(dev, "adas")
-    gen = torch.Generator(device="cpu").manual_seed(seed + step0)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1 + step0)
     noise_std = torch.tensor(
         [OBSERVATION_ERROR_STD[n.split("/")[0]] for n in layout.channel_names()], device=dev
     )
     noise_std = (noise_std / torch.tensor(norm.std, device=dev, dtype=torch.float32)).view(1, -1, 1, 1)
-    amp = dev.type == "cuda"
+    # a stream whose background RMS error (in units of a 6-hour forecast's) passes this restarts
+    fresh_error = error_scale.view(1, -1)
 
-    def restart(b: int) -> tuple[int, int]:
+    def restart() -> tuple[int, int]:
         w = int(torch.randint(len(years), (1,), generator=gen))
         return w, int(torch.randint(2, years[w].shape[0] - 1, (1,), generator=gen))
 
-    where = [restart(b) for b in range(streams)]
+    where = [restart() for _ in range(streams)]
     window = torch.stack([years[w][t - 2 : t] for w, t in where])  # B, 2, C, H, W (normalised)
-    losses, ratios = [], []
+    losses, ratios, growth = [], [], []
     model.train()
     for step, done in _budget_loop(minutes, max_steps, step0):
         for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, done, lr)
+            group["lr"] = _cosine_lr(step, done, lr, warmup)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             background = fmodel(window).float()
         truth = torch.stack([years[w][t] for w, t in where])
@@ -313,21 +360,33 @@ def train_adas(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
         with torch.no_grad():
-            ratios.append(float((analysis.float() - truth).abs().mean() / (background - truth).abs().mean()))
-            window = torch.stack([window[:, 1], analysis.detach().float()], dim=1)
+            analysis = analysis.detach().float()
+            ratio = (analysis - truth).abs().mean() / (background - truth).abs().mean()
+            # per stream: background RMS error over that of a 6-hour forecast from the truth, worst channel
+            bg_growth = ((background - truth).pow(2).mean((2, 3)).sqrt() / fresh_error).amax(1)
+            stats = torch.stack([loss.detach(), ratio, bg_growth.mean()]).tolist()
+            losses.append(stats[0])
+            ratios.append(stats[1])
+            growth.append(stats[2])
+            too_far = (bg_growth > max_error_growth).tolist()
+            window = torch.stack([window[:, 1], analysis], dim=1)
+            every = 1.0 if done < 0.1 else float(restart_every)
             for b in range(streams):
                 w, t = where[b]
                 t += 1
-                # curriculum: short cycles (fresh backgrounds from the truth) first, up to restart_every cycles later
-                every = 4.0 + (restart_every - 4.0) * done
-                if t >= years[w].shape[0] or float(torch.rand(1, generator=gen)) < 1.0 / every:
-                    w, t = restart(b)
+                if too_far[b] or t >= years[w].shape[0] or float(torch.rand(1, generator=gen)) < 1.0 / every:
+                    w, t = restart()
                     window[b] = years[w][t - 2 : t]
                 where[b] = (w, t)
         if step % 100 == 0:
-            log.info("adas step %d loss %.4f analysis/background MAE %.3f", step, loss.item(), ratios[-1])
+            log.info(
+                "adas step %d loss %.4f analysis/background MAE %.3f background error growth %.2f",
+                step,
+                losses[-1],
+                ratios[-1],
+                growth[-1],
+            )
         state.save_if_due(step + 1)
     final_step = step0 + len(losses)
     state.save(final_step)
@@ -338,8 +397,10 @@ def train_adas(
         "normalisation": norm.to_dict(),
         "forecaster": str(fpath.name),
         "steps": final_step,
+        "background_error_scale": error_scale.tolist(),
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "train_mae_ratio": float(np.mean(ratios[-50:])) if ratios else None,
+        "train_background_error_growth": float(np.mean(growth[-50:])) if growth else None,
     }
     _save_model(out, "adas", model, meta, half=True)
     result = {k: v for k, v in meta.items() if k not in ("normalisation", "layout")}
@@ -475,6 +536,28 @@ def evaluate(
                 v: float(free_rmse[v].isel(time=-1).values.ravel()[0]) for v in layout.variables
             },
         }
+        # no clamping anywhere: a cycle whose analyses end up no better than climatology is reported as diverged
+        recent = truth_c.isel(time=slice(-120, None))
+        clim_recent = metrics._climatology_at(clim, recent["time"]).drop_vars(
+            ["dayofyear", "hour"], errors="ignore"
+        )
+        clim_rmse = metrics.rmse(clim_recent.assign_coords(time=recent["time"]), recent)
+        cyc_results["climatology_rmse_last_30_days"] = {
+            v: float(clim_rmse[v].values.ravel()[0]) for v in layout.variables
+        }
+        cyc_results["diverged"] = bool(
+            not cyc_results["finite"]
+            or any(
+                not cyc_results["rmse_last_30_days"][v] < cyc_results["climatology_rmse_last_30_days"][v]
+                for v in layout.variables
+            )
+        )
+        if cyc_results["diverged"]:
+            log.warning(
+                "cycling diverged: RMSE over the last 30 days %s, climatology %s",
+                cyc_results["rmse_last_30_days"],
+                cyc_results["climatology_rmse_last_30_days"],
+            )
         if plots:
             _plot_cycle(out / "cycle_rmse.png", per_time, free_rmse, bg_scores)
     results["cycling"] = cyc_results
