@@ -139,23 +139,56 @@ def performer_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    chunk: int = 128,
 ) -> Tensor:
-    """FAVOR+ (Performer) attention, GQA aware: the low-rank part of Scatterbrain on its own."""
+    """FAVOR+ (Performer) attention, GQA aware: the low-rank part of Scatterbrain on its own.
+
+    Rows go in chunks of ``chunk`` with a running key summary (m, Dv + 1) per head, so the
+    features exist for one chunk at a time: memory O(chunk m + m Dv) per head beside q, k, v.
+    """
     H, Hkv, N = check_qkv(q, k, v, "performer_attention")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"performer_attention: chunk must be a positive int, got {chunk!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype = q.dtype
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     projection = projection.to(work)
-    qg = _group(q.to(work), Hkv)
-    kf, vf = k.to(work).unsqueeze(2), v.to(work).unsqueeze(2)
-    v_ext = torch.cat([vf, torch.ones_like(vf[..., :1])], -1)
-    terms, _ = _lowrank_terms(
-        performer_log_features(qg, projection, scale),
-        performer_log_features(kf, projection, scale),
-        v_ext,
-        causal,
-    )
-    out = terms[..., :-1] / terms[..., -1:].clamp_min(torch.finfo(terms.dtype).tiny)
+    qg = _group(q, Hkv)  # (B, Hkv, G, N, D)
+    kf, vf = k.unsqueeze(2), v.unsqueeze(2)  # (B, Hkv, 1, N, D)
+    chunk = min(chunk, N)
+    spans = [(s, min(N, s + chunk)) for s in range(0, N, chunk)]
+
+    def key_features(s: int, e: int) -> Tensor:
+        return performer_log_features(kf[..., s:e, :].to(work), projection, scale)
+
+    # one shift for all keys of a head (a detached constant: it cancels in the normalisation)
+    with torch.no_grad():
+        key_shift = torch.stack([key_features(s, e).amax(dim=(-1, -2)) for s, e in spans], 0).amax(0)
+    key_shift = key_shift[..., None, None]
+    tril = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril() if causal else None
+    state = None  # sum over keys so far of phi(k) [v, 1]^T: (B, Hkv, 1, m, Dv + 1)
+    if not causal:
+        for s, e in spans:
+            fk = torch.exp(key_features(s, e) - key_shift)
+            v_ext = F.pad(vf[..., s:e, :].to(work), (0, 1), value=1.0)
+            part = fk.transpose(-1, -2) @ v_ext
+            state = part if state is None else state + part
+    outs = []
+    for s, e in spans:
+        log_fq = performer_log_features(qg[..., s:e, :].to(work), projection, scale)
+        fq = torch.exp(log_fq - log_fq.detach().amax(-1, keepdim=True))
+        if causal:
+            fk = torch.exp(key_features(s, e) - key_shift)
+            v_ext = F.pad(vf[..., s:e, :].to(work), (0, 1), value=1.0)
+            terms = ((fq @ fk.transpose(-1, -2)) * tril[: e - s, : e - s]) @ v_ext
+            if state is not None:
+                terms = terms + fq @ state
+            part = fk.transpose(-1, -2) @ v_ext
+            state = part if state is None else state + part
+        else:
+            terms = fq @ state
+        outs.append(terms[..., :-1] / terms[..., -1:].clamp_min(torch.finfo(work).tiny))
+    out = torch.cat(outs, -2) if len(outs) > 1 else outs[0]
     return out.flatten(1, 2).to(out_dtype)
 
 

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from zoo.layers.scatterbrain import default_num_features, orthogonal_gaussian_projection, performer_attention
 
@@ -94,6 +95,82 @@ def _column_of_keys(lengths: Tensor, n: int, width: int) -> Tensor:
     return torch.where(j < lengths[:, None], col, torch.full_like(col, -1))
 
 
+def _sparse_rows(
+    qg: Tensor,
+    kg: Tensor,
+    vg: Tensor,
+    selected: Tensor,
+    start: Tensor,
+    end: Tensor,
+    lengths: Tensor,
+    scale: float,
+    path: str,
+) -> Tensor:
+    """Exact attention of one chunk of c queries over the keys of their chosen columns.
+
+    qg (B, Hkv, G, c, d) in the working dtype; kg, vg (B, Hkv, 1, N, d); selected (B, H, c, T);
+    start, end, lengths: the chunk's column ranges (c, T) and visible lengths (c,). Returns (B, H, c, dv).
+    """
+    B, Hkv, G, c, D = qg.shape
+    N, Dv = kg.shape[-2], vg.shape[-1]
+    H, T = selected.shape[1], selected.shape[-1]
+    size = end - start  # (c, T)
+    count = selected.sum(-1)  # (B, H, c) chosen columns per query
+    kept = (selected * size).sum(-1)
+    width = int(kept.max().item()) if kept.numel() else 0
+    if width == 0:
+        return qg.new_zeros(B, H, c, Dv)
+    # gathering reads 2 d floats per kept key; scoring all keys reads N scores and K, V once per chunk
+    use_gather = path == "gather" or (path == "auto" and 2 * width * D < N * (1 + 2 * D / c))
+    if use_gather:
+        # key lists straight from the chosen columns' ranges (sorting T columns, never N keys)
+        cmax = int(count.max().item())
+        cols = torch.sort(selected.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :cmax]
+        st = torch.gather(start.expand(B, H, -1, -1), -1, cols)
+        en = torch.gather(end.expand(B, H, -1, -1), -1, cols)
+        span = int((en - st).max().item())
+        keys = st.unsqueeze(-1) + torch.arange(span, device=qg.device)  # (B, H, c, cmax, span)
+        col_ok = torch.arange(cmax, device=qg.device) < count.unsqueeze(-1)
+        ok = ((keys < en.unsqueeze(-1)) & col_ok.unsqueeze(-1)).flatten(-2).view(B, Hkv, G, c, -1)
+        idx = torch.where(ok, keys.flatten(-2).view(B, Hkv, G, c, -1), 0)
+        width = idx.shape[-1]
+        flat = idx.flatten(-2)
+        kb = torch.gather(kg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, D))
+        vb = torch.gather(vg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, Dv))
+        kb = kb.view(B, Hkv, G, c, width, D)
+        vb = vb.view(B, Hkv, G, c, width, Dv)
+        logits = ((scale * qg).unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2)
+    else:
+        col = _column_of_keys(lengths, N, T)  # (c, N)
+        ok = torch.gather(selected, -1, col.clamp_min(0).expand(B, H, -1, -1)) & (col >= 0)
+        ok = ok.view(B, Hkv, G, c, N)
+        logits = (scale * qg) @ kg.transpose(-1, -2)
+    w = torch.softmax(logits.masked_fill_(~ok, float("-inf")), -1)
+    if bool((kept == 0).any()):  # a query without keys returns 0
+        w = w.nan_to_num_(nan=0.0) if not _needs_grad(w) else torch.nan_to_num(w, nan=0.0)
+    res = (w.unsqueeze(-2) @ vb).squeeze(-2) if use_gather else w @ vg
+    return res.reshape(B, H, c, Dv)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _sparse_rows_saving_memory(qg, kg, vg, selected, start, end, lengths, scale, path) -> Tensor:
+    """``_sparse_rows``; under autograd the chunk is recomputed in the backward instead of keeping its
+    (c x N) probabilities, so training holds one chunk's scores at a time, never all N x N."""
+    if _needs_grad(qg, kg, vg):
+        return checkpoint(
+            _sparse_rows, qg, kg, vg, selected, start, end, lengths, scale, path, use_reentrant=False
+        )
+    return _sparse_rows(qg, kg, vg, selected, start, end, lengths, scale, path)
+
+
+def _query_chunk(batch_heads: int, n: int, per_query: int) -> int:
+    """Rows per chunk so that a chunk's (B, H, c, per_query) scores stay near 2^21 elements."""
+    return max(1, min(n, (1 << 21) // max(batch_heads * per_query, 1)))
+
+
 def sparse_attention_on_columns(
     q: Tensor,
     k: Tensor,
@@ -109,10 +186,11 @@ def sparse_attention_on_columns(
 
     q (B, H, N, d); k, v (B, Hkv, N, d); selected (B, H, N, T) bool. Returns the output
     (B, H, N, d) and the number of keys each query attended (B, H, N). Rows with no key give 0.
-    Queries go in chunks, never as one N x N matrix. ``path``: ``"gather"`` collects each query's
-    kept keys (O(kept d) per query, best when kept d < N), ``"dense"`` scores the chunk against
-    all keys and masks (O(N) per query, best for short sequences and for training memory),
-    ``"auto"`` picks the cheaper.
+    Queries go in chunks, never as one N x N matrix; under autograd each chunk is recomputed in the
+    backward (activation checkpointing), so no more than one chunk's scores are ever kept.
+    ``path``: ``"gather"`` collects each query's kept keys (O(kept d) per query, best when
+    kept d < N), ``"dense"`` scores the chunk against all keys and masks (O(N) per query, best for
+    short sequences), ``"auto"`` picks the cheaper per chunk.
     """
     if path not in ("auto", "gather", "dense"):
         raise ValueError(
@@ -126,56 +204,20 @@ def sparse_attention_on_columns(
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     lengths = torch.arange(1, N + 1, device=q.device) if causal else torch.full((N,), N, device=q.device)
     start, end = column_ranges(lengths, T)  # (N, T)
-    kept = (selected * (end - start)).sum(-1)  # (B, H, N)
-    kmax = int(kept.max().item()) if kept.numel() else 0
-    out = torch.zeros(B, H, N, v.shape[-1], dtype=work, device=q.device)
-    if kmax == 0:
-        return out.to(q.dtype), kept
-    per_query = max(N, kmax * (D + v.shape[-1])) if path != "dense" else N
-    chunk = query_chunk or max(1, min(N, (1 << 25) // max(B * H * per_query, 1)))
+    chunk = query_chunk or _query_chunk(B * H, N, max(N, T))
     qg = q.to(work).reshape(B, Hkv, G, N, D)
     kg, vg = k.to(work).unsqueeze(2), v.to(work).unsqueeze(2)  # (B, Hkv, 1, N, d)
-    count = selected.sum(-1)  # (B, H, N) chosen columns per query
-    offsets_all = torch.arange(max(1, int((end - start).max().item())), device=q.device)
+    outs, kept = [], []
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
-        width = int(kept[:, :, s:e].max().item())
-        if width == 0:
-            continue
-        # gathering reads 2 d floats per kept key; scoring all keys reads N scores and K, V once per chunk
-        use_gather = path == "gather" or (path == "auto" and 2 * width * D < N * (1 + 2 * D / (e - s)))
-        if use_gather:
-            # key lists straight from the chosen columns' ranges (sorting T columns, never N keys)
-            cmax = int(count[:, :, s:e].max().item())
-            cols = torch.sort(selected[:, :, s:e].to(torch.int8), dim=-1, descending=True, stable=True)
-            cols = cols.indices[..., :cmax]  # (B, H, c, cmax)
-            st = torch.gather(start[s:e].expand(B, H, -1, -1), -1, cols)
-            en = torch.gather(end[s:e].expand(B, H, -1, -1), -1, cols)
-            span = int((en - st).max().item())
-            keys = st.unsqueeze(-1) + offsets_all[:span]  # (B, H, c, cmax, span)
-            col_ok = torch.arange(cmax, device=q.device) < count[:, :, s:e].unsqueeze(-1)
-            ok = ((keys < en.unsqueeze(-1)) & col_ok.unsqueeze(-1)).flatten(-2).view(B, Hkv, G, e - s, -1)
-            idx = torch.where(ok, keys.flatten(-2).view(B, Hkv, G, e - s, -1), 0)
-            width = idx.shape[-1]
-            flat = idx.flatten(-2)
-            kb = torch.gather(kg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, D))
-            vb = torch.gather(
-                vg.expand(-1, -1, G, -1, -1), -2, flat.unsqueeze(-1).expand(*flat.shape, vg.shape[-1])
+        sel = selected[:, :, s:e]
+        kept.append((sel * (end[s:e] - start[s:e])).sum(-1))
+        outs.append(
+            _sparse_rows_saving_memory(
+                qg[:, :, :, s:e], kg, vg, sel, start[s:e], end[s:e], lengths[s:e], scale, path
             )
-            kb = kb.view(B, Hkv, G, e - s, width, D)
-            vb = vb.view(B, Hkv, G, e - s, width, -1)
-            logits = scale * (qg[:, :, :, s:e].unsqueeze(-2) @ kb.transpose(-1, -2)).squeeze(-2)
-        else:
-            col = _column_of_keys(lengths[s:e], N, T)  # (c, N)
-            ok = torch.gather(selected[:, :, s:e], -1, col.clamp_min(0).expand(B, H, -1, -1)) & (col >= 0)
-            ok = ok.view(B, Hkv, G, e - s, N)
-            logits = scale * (qg[:, :, :, s:e] @ kg.transpose(-1, -2))
-        w = torch.softmax(logits.masked_fill_(~ok, float("-inf")), -1)
-        if bool((kept[:, :, s:e] == 0).any()):
-            w = torch.nan_to_num(w, nan=0.0)  # a query without keys returns 0
-        res = (w.unsqueeze(-2) @ vb).squeeze(-2) if use_gather else w @ vg
-        out[:, :, s:e] = res.reshape(B, H, e - s, -1)
-    return out.to(q.dtype), kept
+        )
+    return torch.cat(outs, 2).to(q.dtype), torch.cat(kept, -1)
 
 
 def _grouped_topk_columns(probs: Tensor, lengths: Tensor, budget: int, group_heads: bool) -> Tensor:
@@ -337,8 +379,8 @@ class SEAAttention(nn.Module):
         k, v = self.kv_proj(x).view(B, N, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def estimate(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Estimated compressed attention scores (B, H, N, T) and predictor features (B, H, N, 2d)."""
+    def predictor_features(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Per-query predictor features (B, H, N, 2d): Performer summary and value, encoded."""
         B, H, N, hd = q.shape
         if self.causal:
             if N > self.max_len:
@@ -351,10 +393,27 @@ class SEAAttention(nn.Module):
             q.float(), k.float(), torch.cat([code, v], -1).float(), self.projection, causal=self.causal
         ).to(v.dtype)
         v_heads = v.unsqueeze(2).expand(-1, -1, H // k.shape[1], -1, -1).reshape(B, H, N, hd)
-        features = self.predictor_enc(torch.cat([performer_out, v_heads], -1))
-        rows = self.predictor_rows(features).view(B, H, N, 2, self.compressed_len // 4)
-        rows = rows.permute(0, 1, 3, 2, 4).reshape(B, 2 * H, N, self.compressed_len // 4)
-        return self.predictor_cnn(rows), features
+        return self.predictor_enc(torch.cat([performer_out, v_heads], -1))
+
+    def estimate_rows(self, features: Tensor, start: int, end: int) -> Tensor:
+        """Estimated compressed scores (B, H, end - start, T) of queries [start, end).
+
+        The CNN sees only a few neighbouring rows (two dilated 3 x 3 convolutions: 4 rows each
+        side, or 8 earlier rows when causal), so the rows are computed from that halo alone and
+        equal those of the whole image.
+        """
+        B, H, N, _ = features.shape
+        before, after = (8, 0) if self.causal else (4, 4)
+        lo, hi = max(0, start - before), min(N, end + after)
+        w4 = self.compressed_len // 4
+        rows = self.predictor_rows(features[:, :, lo:hi]).view(B, H, hi - lo, 2, w4)
+        rows = rows.permute(0, 1, 3, 2, 4).reshape(B, 2 * H, hi - lo, w4)
+        return self.predictor_cnn(rows)[:, :, start - lo : end - lo]
+
+    def estimate(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Estimated compressed attention scores (B, H, N, T) and predictor features (B, H, N, 2d)."""
+        features = self.predictor_features(q, k, v)
+        return self.estimate_rows(features, 0, q.shape[2]), features
 
     def attend(
         self,
@@ -388,39 +447,69 @@ class SEAAttention(nn.Module):
             )
         B, H, N, hd = q.shape
         budget = self.k if budget is None else budget
-        scores, features = self.estimate(q, k, v)
+        details = return_details or return_attention
+        features = self.predictor_features(q, k, v)
         wd = torch.float64 if q.dtype == torch.float64 else torch.float32
-        probs = torch.softmax(scores.to(wd), -1)
-        lengths = (
-            torch.arange(1, N + 1, device=q.device) if self.causal else torch.full((N,), N, device=q.device)
-        )
-        selected = _grouped_topk_columns(probs, lengths, budget, self.group_heads)
-        sparse, kept = sparse_attention_on_columns(q, k, v, selected, causal=self.causal)
         gates = torch.sigmoid(self.gate_head(features).to(wd))
         if self.fixed_gates:
             gates = torch.ones_like(gates)
-        vf = v.to(wd).unsqueeze(2).expand(-1, -1, H // k.shape[1], -1, -1).reshape(B, H, N, hd)
+        T, Hkv = self.compressed_len, k.shape[1]
+        G = H // Hkv
+        lengths = (
+            torch.arange(1, N + 1, device=q.device) if self.causal else torch.full((N,), N, device=q.device)
+        )
+        start, end = column_ranges(lengths, T)
+        qg = q.to(wd).reshape(B, Hkv, G, N, hd)
+        kg, vg = k.to(wd).unsqueeze(2), v.to(wd).unsqueeze(2)
+        # queries in chunks: estimate, select and attend one chunk at a time, so the N x T estimate
+        # and the chunk's scores against the keys exist for one chunk only
+        chunk = _query_chunk(B * H, N, max(N, T))
+        sparse_parts, kept_parts, score_parts, prob_parts, selected_parts = [], [], [], [], []
+        column_mass = None
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            scores = self.estimate_rows(features, s, e)
+            probs = torch.softmax(scores.to(wd), -1)
+            selected = _grouped_topk_columns(probs, lengths[s:e], budget, self.group_heads)
+            kept_parts.append((selected * (end[s:e] - start[s:e])).sum(-1))
+            sparse_parts.append(
+                _sparse_rows_saving_memory(
+                    qg[:, :, :, s:e], kg, vg, selected, start[s:e], end[s:e], lengths[s:e], hd**-0.5, "auto"
+                )
+            )
+            if not self.causal:
+                mass = probs.sum(-2)
+                column_mass = mass if column_mass is None else column_mass + mass
+            if details:
+                score_parts.append(scores)
+                prob_parts.append(probs)
+                selected_parts.append(selected)
+        sparse = torch.cat(sparse_parts, 2)
+        kept = torch.cat(kept_parts, -1)
+        vf = v.to(wd).unsqueeze(2).expand(-1, -1, G, -1, -1).reshape(B, H, N, hd)
         if self.causal:
             average = vf.cumsum(-2) / torch.arange(1, N + 1, device=q.device, dtype=vf.dtype)[:, None]
             avg_weights = torch.ones(B, H, N, device=q.device, dtype=wd)  # uniform over the prefix
         else:
-            start, end = column_ranges(lengths[:1], self.compressed_len)
             col = torch.searchsorted(start[0].contiguous(), torch.arange(N, device=q.device), right=True) - 1
-            size = (end - start)[0].clamp_min(1).float()
-            col_mass = probs.mean(-2)  # (B, H, T)
+            size = (end - start)[0].clamp_min(1).to(wd)
+            col_mass = column_mass / N  # (B, H, T): the estimate's mean over queries
             avg_weights = (col_mass / size)[..., col]  # (B, H, N): per key
             avg_weights = avg_weights / avg_weights.sum(-1, keepdim=True)
             average = (avg_weights.unsqueeze(-2) @ vf).expand(B, H, N, hd)
             avg_weights = avg_weights.unsqueeze(-2)
         g0, g1 = gates[..., :1], gates[..., 1:]
-        out = g1 * (g0 * sparse.to(wd)) + (1 - g1) * average
+        out = g1 * (g0 * sparse) + (1 - g1) * average
         out = out.to(q.dtype)
-        if not (return_details or return_attention):
+        if not details:
             return out
+        scores, probs, selected = (torch.cat(x, 2) for x in (score_parts, prob_parts, selected_parts))
         attention = None
         if return_attention:
             attention = self._dense_attention(q, k, selected, gates, avg_weights)
-        return SEAOutput(out, sparse, scores, probs, selected, kept, gates, avg_weights, attention)
+        return SEAOutput(
+            out, sparse.to(q.dtype), scores, probs, selected, kept, gates, avg_weights, attention
+        )
 
     def _dense_attention(self, q, k, selected, gates, avg_weights) -> Tensor:
         """The effective N x N attention: gated sparse probabilities plus the averaging weights."""

@@ -43,6 +43,7 @@ __all__ = [
     "DenseCausalAttention",
     "DistillConfig",
     "LMConfig",
+    "PeakLiveBytes",
     "byte_batches",
     "evaluate_perplexity",
     "load_text_corpus",
@@ -324,18 +325,112 @@ def attention_memory_elements(n: int, heads: int, compressed_len: int, kept_per_
     return {"dense": dense, "sea": sea, "ratio": sea / dense}
 
 
+class PeakLiveBytes:
+    """Peak bytes of the tensors created inside the ``with`` block and still referenced, on any device.
+
+    A ``TorchDispatchMode`` sees every tensor an operator returns; a storage counts from the first
+    tensor that holds it until the last such tensor is gone. Inputs made before the block (weights,
+    q/k/v) are not counted; neither is what autograd keeps only inside C++ (use it under no_grad).
+    This is the CPU counterpart of ``torch.cuda.max_memory_allocated`` for one call.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.largest: tuple[int, tuple[int, ...]] = (0, ())  # bytes and shape of the largest storage
+
+    def __enter__(self) -> PeakLiveBytes:
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        sizes: dict[int, int] = {}
+        holders: dict[int, int] = {}
+        now = [0]
+
+        def release(ptr: int) -> None:
+            holders[ptr] -= 1
+            if holders[ptr] == 0:
+                now[0] -= sizes.pop(ptr)
+                del holders[ptr]
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = {
+                    t.untyped_storage().data_ptr()
+                    for t in tree_flatten((args, kwargs))[0]
+                    if isinstance(t, Tensor)
+                }
+                for t in tree_flatten(out)[0]:
+                    if not isinstance(t, Tensor):
+                        continue
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in sizes:
+                        if ptr in inputs:
+                            continue  # an in-place result or a view of memory made before the block
+                        sizes[ptr], holders[ptr] = t.untyped_storage().nbytes(), 0
+                        now[0] += sizes[ptr]
+                        tracker.peak = max(tracker.peak, now[0])
+                        if sizes[ptr] > tracker.largest[0]:
+                            tracker.largest = (sizes[ptr], tuple(t.shape))
+                    holders[ptr] += 1
+                    weakref.finalize(t, release, ptr)
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+
+def _peak_bytes(fn, x: Tensor) -> int | None:
+    """Peak bytes allocated by one no-grad call beyond what existed before (CUDA allocator stats, or
+    ``PeakLiveBytes`` elsewhere); None when it runs out of memory."""
+    try:
+        with torch.no_grad():
+            fn(x)  # warm up
+            if x.is_cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn(x)
+                torch.cuda.synchronize()
+                return torch.cuda.max_memory_allocated() - base
+            with PeakLiveBytes() as tracker:
+                fn(x)
+            return tracker.peak
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+
+
 def measure_attention_peak_memory(
-    config: LMConfig, lengths: list[int], *, k: int, compressed_len: int, batch: int, device
+    config: LMConfig,
+    lengths: list[int],
+    *,
+    k: int,
+    compressed_len: int,
+    batch: int,
+    device,
+    cpu_max_len: int = 2048,
 ) -> list[dict]:
-    """Peak CUDA bytes of one attention layer forward (no grad) per length: eager dense (the N x N
-    probabilities materialised, as the SEA paper's baseline), SDPA (flash), and SEA (fresh layers:
-    memory depends on shapes and the budget, not on the weights)."""
-    if not str(device).startswith("cuda"):
-        return []
+    """Peak bytes of one attention layer forward (no grad) per length: eager dense (the N x N
+    probabilities materialised, as the SEA paper's baseline), SDPA (flash on a GPU), and SEA (fresh
+    layers: memory depends on shapes and the budget, not on the weights). CUDA: allocator peak;
+    CPU: ``PeakLiveBytes``, lengths up to ``cpu_max_len`` only."""
     H, hd, dim = config.num_heads, config.dim // config.num_heads, config.dim
     dense = DenseCausalAttention(dim, H, config.num_kv_heads).to(device).eval()
+    cuda = str(device).startswith("cuda")
     rows = []
     for n in lengths:
+        if not cuda and n > cpu_max_len:
+            continue
         sea = SEAAttention(dim, H, config.num_kv_heads, causal=True, k=k, compressed_len=compressed_len,
                            max_len=n, output_norm=False).to(device).eval()  # fmt: skip
         x = torch.randn(batch, n, dim, device=device)
@@ -350,20 +445,9 @@ def measure_attention_peak_memory(
             ctx = torch.softmax(s, -1) @ v.repeat_interleave(G, 1)
             return dense.proj(ctx.transpose(1, 2).reshape(B, N, C))
 
-        row = {"N": n, "batch": batch}
+        row = {"N": n, "batch": batch, "measured_by": "cuda allocator" if cuda else "PeakLiveBytes (cpu)"}
         for name, fn in (("teacher_eager", eager), ("teacher_sdpa", dense), ("student_sea", sea)):
-            try:
-                with torch.no_grad():
-                    fn(x)  # warm up
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    fn(x)
-                    torch.cuda.synchronize()
-                    row[name] = torch.cuda.max_memory_allocated() - base
-            except torch.OutOfMemoryError:
-                row[name] = None
-            torch.cuda.empty_cache()
+            row[name] = _peak_bytes(fn, x)
         if row.get("teacher_eager") and row.get("student_sea"):
             row["ratio_sea_vs_eager"] = round(row["student_sea"] / row["teacher_eager"], 4)
         if row.get("teacher_sdpa") and row.get("student_sea"):
