@@ -198,6 +198,8 @@ def test_distill_command_end_to_end_tiny(tmp_path):
     assert rc == 0
     result = json.loads((tmp_path / "o" / "distill_sea.json").read_text())
     assert result["perplexity"]["teacher"] > 1 and result["student_training"]["steps"] == 2
+    peaks = result["attention_peak_bytes"]  # measured on the CPU too
+    assert [r["N"] for r in peaks] == [32, 64, 128, 256] and all(r["student_sea"] > 0 for r in peaks)
     assert 0 < result["attention_memory_elements_per_layer"]["ratio"] < 1.5
     assert (tmp_path / "o" / "teacher.safetensors").exists() and (
         tmp_path / "o" / "student_sea.safetensors"

@@ -51,8 +51,10 @@ __all__ = [
     "exact_attention",
     "fit_sea_predictor",
     "load_samples",
+    "model_samples",
     "method_suite",
     "plot",
+    "read_token_file",
     "relative_error",
     "save_samples",
     "sweep",
@@ -193,6 +195,12 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
 
 def relative_error(out: Tensor, exact: Tensor) -> float:
     return ((out.double() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
+
+
+def _per_head_error(out: Tensor, exact: Tensor) -> Tensor:
+    """||out - exact|| / ||exact|| of each head (over batch, positions and channels): (H,) fp64."""
+    diff = (out.double() - exact).square().sum(dim=(0, 2, 3)).sqrt()
+    return diff / exact.square().sum(dim=(0, 2, 3)).sqrt().clamp_min(1e-300)
 
 
 def _dense_entries(n: int, causal: bool) -> float:
@@ -625,7 +633,7 @@ def equal_budget_scatterbrain(
                 + entries * (4.0 * D + 2.0 * num_features + 2.0),
                 "entries": N * num_features + entries,
             }
-            sb_err = []
+            sb_err, sb_heads = [], []
             for trial in range(trials):
                 gen = torch.Generator().manual_seed(trial)
                 proj = orthogonal_gaussian_projection(num_features, D, generator=gen, device=q.device)
@@ -633,6 +641,7 @@ def equal_budget_scatterbrain(
                 out = scatterbrain_attention(q, k, v, sparse=sparse, window=window, causal=s.causal, projection=proj,
                                              hash_vectors=hv)  # fmt: skip
                 sb_err.append(relative_error(out, exact))
+                sb_heads.append(_per_head_error(out, exact))
             for kind, budget in budgets.items():
                 w2 = _largest_window(N, s.causal, sparse, D, budget, kind, window)
                 if kind == "flops":
@@ -641,15 +650,30 @@ def equal_budget_scatterbrain(
                         m2 += 1
                 else:
                     m2 = max(num_features, int(budget // N))
-                sp_err, lr_err = [], []
+                sp_err, lr_err, sp_heads, lr_heads = [], [], [], []
                 for trial in range(trials):
                     gen = torch.Generator().manual_seed(trial)
                     hv = torch.randn(1, D + 2, generator=gen).to(q.device)
                     proj2 = orthogonal_gaussian_projection(m2, D, generator=gen, device=q.device)
                     sp = scatterbrain_attention(q, k, v, sparse=sparse, window=w2, causal=s.causal, mode="sparse",
                                                 hash_vectors=hv)  # fmt: skip
+                    lr = performer_attention(q, k, v, proj2, causal=s.causal)
                     sp_err.append(relative_error(sp, exact))
-                    lr_err.append(relative_error(performer_attention(q, k, v, proj2, causal=s.causal), exact))
+                    lr_err.append(relative_error(lr, exact))
+                    sp_heads.append(_per_head_error(sp, exact))
+                    lr_heads.append(_per_head_error(lr, exact))
+                heads = {
+                    name: (sum(x) / trials).tolist()
+                    for name, x in (
+                        ("scatterbrain", sb_heads),
+                        ("sparse_only", sp_heads),
+                        ("lowrank_only", lr_heads),
+                    )
+                }
+                best_heads = [
+                    sb < min(sp, lr)
+                    for sb, sp, lr in zip(heads["scatterbrain"], heads["sparse_only"], heads["lowrank_only"])
+                ]
                 mean = {
                     "scatterbrain": sum(sb_err) / trials,
                     "sparse_only": sum(sp_err) / trials,
@@ -670,6 +694,9 @@ def equal_budget_scatterbrain(
                         "ratio_vs_lowrank_only": mean["scatterbrain"] / mean["lowrank_only"],
                         "scatterbrain_best": mean["scatterbrain"]
                         < min(mean["sparse_only"], mean["lowrank_only"]),
+                        "rel_error_per_head": heads,
+                        "scatterbrain_best_heads": sum(best_heads),
+                        "heads": len(best_heads),
                     }
                 )
     return rows
@@ -936,6 +963,44 @@ def lm_samples(
     return evals, trains, info
 
 
+def read_token_file(path: str | Path) -> Tensor:
+    """A flat token file (``zoo train lm``'s train.bin / val.bin) as int64; the dtype comes from
+    meta.json beside it (default uint16)."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokens: no such file {path}")
+    meta = path.parent / "meta.json"
+    dtype = json.loads(meta.read_text()).get("dtype", "uint16") if meta.is_file() else "uint16"
+    return torch.from_numpy(np.fromfile(str(path), dtype=dtype).astype("int64"))
+
+
+def model_samples(
+    model: nn.Module, tokens: Tensor, *, length: int, windows: int, label: str, device
+) -> tuple[list[AttentionSample], list[AttentionSample]]:
+    """q/k/v of every SDPA attention of a token model on ``windows`` evenly spaced windows of ``tokens``.
+
+    Hugging Face Llama attention calls SDPA after the rotary embedding, so q and k are captured with
+    RoPE applied, k and v with their own (GQA) heads. Returns (one window per layer for evaluation,
+    the other windows for fitting SEA's predictor).
+    """
+    if tokens.numel() < length + windows:
+        raise ValueError(f"tokens: need at least {length + windows} tokens, got {tokens.numel()}")
+    step = (tokens.numel() - length) // max(windows, 1)
+    batch = torch.stack([tokens[i * step : i * step + length] for i in range(windows)]).to(device)
+    model.eval()
+    with torch.no_grad(), capture_sdpa_qkv(model, max_per_module=1) as found:
+        model(batch)
+    evals, trains = [], []
+    for s in found:
+        src = f"{label} ({s.name}, q and k after RoPE)" + (f"; {s.source}" if s.source else "")
+        evals.append(AttentionSample(f"{label}.{s.name}", s.q[-1:], s.k[-1:], s.v[-1:], s.causal, src))
+        trains += [AttentionSample(f"{label}.{s.name}.train{i}", s.q[i : i + 1], s.k[i : i + 1], s.v[i : i + 1],
+                                   s.causal, src) for i in range(windows - 1)]  # fmt: skip
+    return evals, trains
+
+
 def run(args) -> dict:
     """The ``zoo eval approx-attention`` handler (see ``commands.py`` for the flags)."""
     out_dir = Path(args.out)
@@ -965,6 +1030,16 @@ def run(args) -> dict:
     sea_train: list[AttentionSample] = []
     for path in args.qkv or []:
         samples += load_samples(path)
+    source = getattr(args, "model_source", None)  # (model, tokens, info) built by the command
+    if source is not None:
+        model, tokens, info = source
+        evals, trains = model_samples(model.to(device), tokens, length=args.length, windows=args.windows,
+                                      label=info["model"], device=device)  # fmt: skip
+        samples += evals[: args.max_samples]
+        sea_train += trains
+        result["model_source"] = info
+        if args.save_qkv:
+            save_samples(evals, out_dir / f"{args.name}_qkv.safetensors")
     if args.lm or not samples:
         evals, trains, info = lm_samples(checkpoint=args.lm_checkpoint, text=args.text, train_seconds=args.lm_seconds,
                                          length=args.length, windows=args.windows, device=device, dim=args.lm_dim,
@@ -980,7 +1055,9 @@ def run(args) -> dict:
     result["rows"] = evaluate(
         samples, families=families, sea_train=sea_train, sea_steps=args.sea_steps, device=device
     )
-    result["scatterbrain_equal_budget"] = equal_budget_scatterbrain(samples, device=device)
+    result["scatterbrain_equal_budget"] = equal_budget_scatterbrain(
+        samples, device=device, num_features=args.sb_features, window=args.sb_window, trials=args.sb_trials
+    )
     result["evaluate_seconds"] = round(time.perf_counter() - t0, 1)
     result["summary"] = _equal_budget_summary(result["scatterbrain_equal_budget"])
     if args.sweep:

@@ -30,6 +30,17 @@ def add_approx_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lm", action="store_true", help="also use the byte LM source when --qkv is given")
     p.add_argument(
+        "--model",
+        default=None,
+        help="a registered token model whose SDPA q/k/v to use, e.g. zoo_llama_9m (with --checkpoint)",
+    )
+    p.add_argument("--checkpoint", default=None, help="weights for --model (any format zoo.create reads)")
+    p.add_argument(
+        "--tokens",
+        default="runs/lm_data/val.bin",
+        help="token file for --model (uint16 .bin of zoo train lm; default: %(default)s)",
+    )
+    p.add_argument(
         "--lm-checkpoint",
         default=None,
         help="ByteLM weights (e.g. teacher.safetensors of distill-sea); trained here if absent",
@@ -68,6 +79,11 @@ def add_approx_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sea-steps", type=int, default=200, help="distillation steps of SEA's predictor per layer"
     )
+    p.add_argument("--sb-features", type=int, default=32, help="Scatterbrain's m in the equal-budget test")
+    p.add_argument(
+        "--sb-window", type=int, default=32, help="Scatterbrain's band / bucket in the equal-budget test"
+    )
+    p.add_argument("--sb-trials", type=int, default=3, help="draws of features and hashes averaged")
     p.add_argument("--sweep", action="store_true", help="time / peak-memory sweep N = 1k..64k (GPU)")
     p.add_argument("--sweep-max-n", type=int, default=65536)
     p.add_argument(
@@ -94,6 +110,14 @@ def _approx_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.command_line = " ".join(["zoo"] + sys.argv[1:])
+    if args.model:
+        import zoo
+
+        model = zoo.create(args.model, checkpoint=args.checkpoint)
+        tokens = approx_eval.read_token_file(args.tokens)
+        info = {"model": args.model, "checkpoint": args.checkpoint, "tokens": args.tokens,
+                "token_count": int(tokens.numel()), "length": args.length, "windows": args.windows}  # fmt: skip
+        args.model_source = (model, tokens, info)
     approx_eval.run(args)
     return 0
 

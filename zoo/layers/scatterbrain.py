@@ -11,7 +11,7 @@ Algorithm (per head, softmax scale ``s = D ** -0.5``)::
              phi(x)_r = exp(w_r . x' - |x'|^2 / 2) / sqrt(m),  so E[phi(q) . phi(k)] = exp(s q . k)
     L        = phi(Q) phi(K)^T                                   (low-rank, never formed)
     M        sparse support: a local band |i - j| < window, or LSH buckets (balanced clusters of
-             queries and keys sorted along a random projection of an asymmetric MIPS transform,
+             queries and keys sorted along a random projection of the asymmetric XBOX+ transform,
              n_hashes rounds, union of the rounds)
     S        = M * (exp(s Q K^T) - L)                            (computed only on M)
     out      = [L V + S V] / [L 1 + S 1]
@@ -200,18 +200,18 @@ def draw_hash_vectors(
     return torch.randn(n_hashes, head_dim + 2, generator=generator, dtype=torch.float32).to(device)
 
 
-def _lsh_hash(x: Tensor, hash_vectors: Tensor, is_query: bool) -> Tensor:
-    """Scalar hashes (R, .., N): x is mapped to the sphere-padded MIPS space, then projected.
+def _lsh_hash(x: Tensor, hash_vectors: Tensor, is_query: bool, top_sq: Tensor) -> Tensor:
+    """Scalar hashes (R, .., N): x is mapped by the asymmetric XBOX+ transform, then projected.
 
-    Queries become [q, sqrt(Mq^2 - |q|^2), 0] and keys [k, 0, sqrt(Mk^2 - |k|^2)] (M = max norm per
-    head), which keeps q.k and makes the projection order reflect inner products.
+    With M^2 = max |q|^2 + max |k|^2 (per head, ``top_sq``), queries become [q, 0, sqrt(M^2 - |q|^2)]
+    and keys [k, sqrt(M^2 - |k|^2), 0]: both have norm M, so |Q(q) - K(k)|^2 = 2 M^2 - 2 q.k and
+    nearby projections mean large inner products (SMYRF's transform, used by Scatterbrain).
     """
     x = x.float()
     sq = (x * x).sum(-1, keepdim=True)
-    top = sq.amax(dim=-2, keepdim=True)
-    extra = (top - sq).clamp_min(0).sqrt()
+    extra = (top_sq - sq).clamp_min(0).sqrt()
     zero = torch.zeros_like(extra)
-    aug = torch.cat([x, extra, zero] if is_query else [x, zero, extra], -1)
+    aug = torch.cat([x, zero, extra] if is_query else [x, extra, zero], -1)
     return torch.einsum("...nd,rd->r...n", aug, hash_vectors.to(aug.device, aug.dtype))
 
 
@@ -245,8 +245,11 @@ def _support_blocks(
         q_pos = torch.where(q_pos < N, q_pos, -1)
         k_pos = torch.where(k_pos < N, k_pos, -1)
         return [(q_pos, k_pos, None)]
-    hq = _lsh_hash(qg, hash_vectors, is_query=True)  # (R, B, Hkv, G, N)
-    hk = _lsh_hash(k.unsqueeze(2), hash_vectors, is_query=False)  # (R, B, Hkv, 1, N)
+    q_top = qg.float().square().sum(-1, keepdim=True).amax(dim=(-3, -2), keepdim=True)  # per KV head
+    k_top = k.unsqueeze(2).float().square().sum(-1, keepdim=True).amax(dim=-2, keepdim=True)
+    top_sq = q_top + k_top
+    hq = _lsh_hash(qg, hash_vectors, True, top_sq)  # (R, B, Hkv, G, N)
+    hk = _lsh_hash(k.unsqueeze(2), hash_vectors, False, top_sq)  # (R, B, Hkv, 1, N)
     rounds = []
     q_clusters: list[Tensor] = []
     k_clusters: list[Tensor] = []
