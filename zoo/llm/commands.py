@@ -345,12 +345,10 @@ def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
 
 
 def demo(args: argparse.Namespace) -> None:
-    """Sparse prefill on planted synthetic attention and on a tiny random Llama, in a few seconds."""
+    """Sparse prefill on planted synthetic attention and on the shipped small LM (a tiny random one without it)."""
     import torch
 
     from zoo.llm.harness import evaluate_synthetic
-    from zoo.llm.model import build_llama
-    from zoo.llm.patch import sparse_prefill
 
     torch.manual_seed(0)
     methods = {
@@ -364,6 +362,60 @@ def demo(args: argparse.Namespace) -> None:
         "minference_block_sparse": ("minference", {"pattern": "block_sparse", "topk": 4}),
     }
     _print_prefill_table({"synthetic": evaluate_synthetic(methods, n=1024, heads=2, kv_heads=1, dim=32)})
+    if not _demo_shipped_lm():
+        _demo_random_llama()
+
+
+def _demo_shipped_lm() -> bool:
+    """Dense vs XAttention prefill of ``zoo_llama_9m.kjv_gcide`` on 1024 KJV tokens with a hidden needle."""
+    import torch
+
+    import zoo
+    from zoo.llm.harness import needle_prompts, needle_test
+    from zoo.llm.model import load_pretrained_tokenizer
+    from zoo.llm.patch import sparse_prefill
+
+    name = "zoo_llama_9m.kjv_gcide"
+    try:
+        from zoo.datasets import kjv_text
+
+        text = kjv_text(verse_numbers=False)
+        model = zoo.create(name, pretrained=True).eval()
+        tokenizer = load_pretrained_tokenizer(name)
+    except (OSError, ValueError, RuntimeError) as err:  # no KJV package or no shipped weights
+        print(f"({name} part skipped: {err})")
+        return False
+    ids = tokenizer.encode(text[-20000:]).ids[:1024]
+    prompts = needle_prompts(tokenizer, ids[512:], 512, [0.2, 0.8], [48151])
+    input_ids = torch.tensor([ids])
+    densities: list[float] = []
+
+    def perplexity() -> float:
+        logits = model(input_ids=input_ids).logits[0, :-1]
+        return float(torch.nn.functional.cross_entropy(logits.float(), input_ids[0, 1:]).exp())
+
+    with torch.no_grad():
+        dense_ppl, dense_needle = perplexity(), needle_test(model, tokenizer, prompts, "cpu")
+        settings = dict(block_size=64, stride=8, threshold=0.9)
+        recorder = lambda *a: densities.append(a[4].density(True))  # noqa: E731
+        with sparse_prefill(model, "xattention", recorder=recorder, **settings):
+            sparse_ppl = perplexity()
+            sparse_needle = needle_test(model, tokenizer, prompts, "cpu")
+    answers = lambda r: [t["answer"].split()[0] if t["answer"] else "" for t in r["trials"]]  # noqa: E731
+    print(
+        f"{name}, 1024 KJV tokens: perplexity dense {dense_ppl:.2f}, XAttention (tau 0.9, density "
+        f"{sum(densities) / len(densities):.2f}) {sparse_ppl:.2f}; needle 48151 in 512 tokens answered "
+        f"{answers(dense_needle)} dense, {answers(sparse_needle)} sparse"
+    )
+    return True
+
+
+def _demo_random_llama() -> None:
+    import torch
+
+    from zoo.llm.model import build_llama
+    from zoo.llm.patch import sparse_prefill
+
     model = build_llama(
         vocab_size=512,
         hidden_size=64,
