@@ -16,6 +16,10 @@ _EXPORTS = {
     "antidiagonal_block_scores": "antidiagonal",
     "antidiagonal_block_scores_reference": "antidiagonal",
     "antidiagonal_block_scores_triton": "antidiagonal",
+    # PBS-Attn's last-block key importance
+    "key_importance": "pbs_importance",
+    "key_importance_reference": "pbs_importance",
+    "key_importance_triton": "pbs_importance",
     # PoNet's pooling mixing step (forward + backward)
     "ponet_pool_mixing": "ponet_pool",
     "ponet_pool_mixing_packed": "ponet_pool",

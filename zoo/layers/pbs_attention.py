@@ -22,6 +22,11 @@ Algorithm (per batch row and key/value head):
 5. Run block-sparse attention through the key permutation: the kernel reads K and V through
    ``key_perm`` (no permuted copy) and applies the causal mask on original positions.
 
+Step 1 never holds the ``[group * block, M]`` logits: on CUDA it runs as two Triton kernels
+(row log-sum-exp over the keys, then per-key sums of probabilities;
+:mod:`zoo.kernels.pbs_importance`), elsewhere as the same two passes over key chunks in PyTorch.
+Steps 3-4 are sync-free: one sort per row for the threshold, kept lists by a running count.
+
 Sequences no longer than one segment fall back to dense attention. Beyond the upstream code:
 grouped-query attention (one permutation per key head), gradients (the attention kernel's
 backward), batch > 1, non-causal attention and queries that are the last ``N`` of ``M`` positions.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from zoo.kernels.pbs_importance import key_importance
 from zoo.layers.xattention import check_attention_inputs
 
 __all__ = ["PBSAttention"]
@@ -46,47 +52,32 @@ def _acc(t: Tensor) -> Tensor:
     return t.double() if t.dtype == torch.float64 else t.float()
 
 
-def _grouped_last_block_importance(q: Tensor, k: Tensor, last: int, causal: bool) -> Tensor:
-    """Mean attention of the last ``last`` queries to each key, per key head: ``[B, Hkv, M]`` fp32.
-
-    One batched matmul for all key heads in the inputs' dtype (fp32 accumulation on tensor cores
-    for bf16/fp16); the causal mask touches only the last ``last`` keys; softmax in fp32.
-    """
-    batch, heads, n, dim = q.shape
-    kv_heads, m = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    low_precision = q.dtype in (torch.bfloat16, torch.float16) and q.dtype == k.dtype
-    compute = q.dtype if low_precision else _acc(q).dtype
-    q_last = q[:, :, n - last :].to(compute).reshape(batch, kv_heads, group * last, dim)
-    logits = torch.matmul(q_last, k.to(compute).transpose(-1, -2))  # [B, Hkv, G*last, M]
-    if causal:  # only keys after the first of the last queries can be in its future
-        tail = min(m, last)
-        query_pos = (m - n) + torch.arange(n - last, n, device=q.device).repeat(group)
-        key_pos = torch.arange(m - tail, m, device=q.device)
-        logits[..., m - tail :].masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))
-    acc = torch.float64 if compute == torch.float64 else torch.float32
-    return torch.softmax(logits.mul_(dim**-0.5), dim=-1, dtype=acc).mean(dim=2)
-
-
 def _kept_lists(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """bool ``[..., Kb]`` -> (int32 counts, int32 ascending ids ``[..., Kb]``) without a host sync."""
+    """bool ``[..., Kb]`` -> (int32 counts, int32 ascending ids ``[..., Kb]``, padded with ``Kb``).
+
+    No sort and no host sync: a running count gives each kept block its slot; unkept blocks are
+    written to a spare column that is cut off.
+    """
     num_k_blocks = keep.shape[-1]
-    ids = torch.arange(num_k_blocks, device=keep.device, dtype=torch.int32)
-    listed = torch.sort(torch.where(keep, ids, num_k_blocks), dim=-1).values
-    return keep.sum(-1, dtype=torch.int32), listed
+    slot = torch.cumsum(keep, dim=-1, dtype=torch.int32)
+    counts = slot[..., -1].clone()
+    target = slot.sub_(1).masked_fill_(~keep, num_k_blocks).long()
+    ids = torch.arange(num_k_blocks, device=keep.device, dtype=torch.int32).expand_as(keep)
+    listed = torch.full(
+        (*keep.shape[:-1], num_k_blocks + 1), num_k_blocks, dtype=torch.int32, device=keep.device
+    )
+    listed.scatter_(-1, target, ids)
+    return counts, listed[..., :num_k_blocks].contiguous()
 
 
-def _select_by_threshold(scores: Tensor, allowed: Tensor, threshold: float) -> Tensor:
-    """Fewest allowed blocks, best first, whose scores reach ``threshold`` of the allowed row sum."""
-    if threshold >= 1.0:
-        return allowed.clone()
-    masked = torch.where(allowed, scores, torch.zeros_like(scores))
-    sorted_scores, order = torch.sort(masked, dim=-1, descending=True, stable=True)
-    before = torch.cumsum(sorted_scores, dim=-1) - sorted_scores
+def _select_by_threshold(scores: Tensor, threshold: float) -> Tensor:
+    """Fewest positive blocks, best first (ties: lower id first), whose scores reach ``threshold``
+    of the row sum. Blocks that may not be selected must carry a score of exactly 0."""
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
     row_sum = sorted_scores.sum(dim=-1, keepdim=True)
+    before = torch.cumsum(sorted_scores, dim=-1).sub_(sorted_scores)
     keep_sorted = (before < threshold * row_sum) & (sorted_scores > 0)
-    keep = torch.zeros_like(allowed).scatter_(-1, order, keep_sorted)
-    return keep & allowed
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 class PBSAttention(nn.Module):
@@ -152,7 +143,7 @@ class PBSAttention(nn.Module):
         batch, _, n, _ = q.shape
         kv_heads, m = k.shape[1], k.shape[2]
         seg = self.segment_size
-        importance = _grouped_last_block_importance(q, k, min(self.block_size, n), causal)
+        importance = key_importance(q, k, min(self.block_size, n), causal, backend=self.backend)
         num_segments = _ceil_div(m, seg)
         padded = torch.full(
             (batch, kv_heads, num_segments * seg), -1.0, dtype=importance.dtype, device=q.device
@@ -260,13 +251,17 @@ class PBSAttention(nn.Module):
         key_perm = self.key_permutation(q, k, causal)
         allowed, forced = self.block_structure(n, m, key_perm, causal)  # [B, Hkv, Qb, Kb]
         allowed, forced = allowed[:, :, None], forced[:, :, None]  # broadcast over the head group
-        logits = self.block_scores(q, k, key_perm).reshape(batch, kv_heads, group, num_q_blocks, num_k_blocks)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        has_any = allowed.any(-1, keepdim=True)
-        scores = torch.where(has_any, torch.softmax(torch.where(has_any, logits, 0.0), dim=-1), 0.0)
-        allowed = allowed.expand_as(scores)
-        selected = _select_by_threshold(scores, allowed, self.threshold)
-        counts, indices = _kept_lists((selected | forced).view(batch, heads, num_q_blocks, num_k_blocks))
+        if self.threshold >= 1.0:
+            keep = allowed | forced
+        else:  # softmax over the allowed blocks; rows with none give NaN, then 0
+            logits = self.block_scores(q, k, key_perm)
+            logits = logits.view(batch, kv_heads, group, num_q_blocks, num_k_blocks)
+            scores = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+            scores = scores.masked_fill_(~allowed.any(-1, keepdim=True), 0.0)
+            keep = _select_by_threshold(scores, self.threshold) | forced
+        counts, indices = _kept_lists(
+            keep.expand(-1, -1, group, -1, -1).reshape(batch, heads, num_q_blocks, num_k_blocks)
+        )
         return BlockSparseMask(bs, bs, n, m, counts, indices, key_perm=key_perm)
 
     def forward(
