@@ -367,16 +367,14 @@ def key_importance_triton(
 
 
 def key_importance(q: Tensor, k: Tensor, last: int, causal: bool = True, *, backend: str = "auto") -> Tensor:
-    """Last-block key importance ``[B, Hkv, M]``: Triton on CUDA (fp16/bf16/fp32), else the reference.
+    """Last-block key importance ``[B, Hkv, M]``.
 
-    ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``.
+    ``backend``: ``"auto"`` and ``"torch"`` run the chunked two-pass PyTorch version (on any
+    device); ``"triton"`` runs the Triton kernels, which are so far checked only under the
+    Triton interpreter, not yet compiled on a GPU.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
-    low = (torch.float16, torch.bfloat16, torch.float32)
-    use_triton = backend == "triton" or (
-        backend == "auto" and q.is_cuda and triton is not None and q.dtype in low and k.dtype in low
-    )
-    if use_triton:
+    if backend == "triton":
         return key_importance_triton(q, k, last, causal)
     return key_importance_reference(q, k, last, causal)
