@@ -237,7 +237,7 @@ class Method:
     extra: dict = field(default_factory=dict)
 
 
-def _scatterbrain_methods(n, d, causal) -> list[Method]:
+def _scatterbrain_methods(n, d, causal, feature_map: str = "cosh") -> list[Method]:
     from zoo.layers.scatterbrain import scatterbrain_attention
 
     out = []
@@ -256,15 +256,17 @@ def _scatterbrain_methods(n, d, causal) -> list[Method]:
 
                 def run(q, k, v, sparse=sparse, m=m, window=window, gen=gen):
                     return scatterbrain_attention(
-                        q, k, v, num_features=m, sparse=sparse, window=window, causal=causal, generator=gen
-                    )
+                        q, k, v, num_features=m, sparse=sparse, window=window, causal=causal, generator=gen,
+                        feature_map=feature_map,
+                    )  # fmt: skip
 
                 out.append(Method(f"scatterbrain-{sparse} m={m} w={window}", f"scatterbrain-{sparse}",
-                                  {"sparse": sparse, "num_features": m, "window": window}, run, entries, flops))  # fmt: skip
+                                  {"sparse": sparse, "num_features": m, "window": window, "feature_map": feature_map},
+                                  run, entries, flops))  # fmt: skip
     return out
 
 
-def _parts_methods(n, d, causal) -> list[Method]:
+def _parts_methods(n, d, causal, feature_map: str = "cosh") -> list[Method]:
     """Scatterbrain's parts alone over a range of budgets (local band, LSH buckets, Performer)."""
     from zoo.layers.scatterbrain import performer_attention, scatterbrain_attention
 
@@ -288,13 +290,13 @@ def _parts_methods(n, d, causal) -> list[Method]:
         gen = torch.Generator().manual_seed(0)
 
         def run_perf(q, k, v, m=m, gen=gen):
-            from zoo.layers.scatterbrain import orthogonal_gaussian_projection
+            from zoo.layers.scatterbrain import draw_feature_projection
 
-            proj = orthogonal_gaussian_projection(m, q.shape[-1], generator=gen, device=q.device)
-            return performer_attention(q, k, v, proj, causal=causal)
+            proj = draw_feature_projection(m, q.shape[-1], feature_map, generator=gen, device=q.device)
+            return performer_attention(q, k, v, proj, causal=causal, feature_map=feature_map)
 
-        out.append(Method(f"performer m={m}", "lowrank-performer", {"num_features": m}, run_perf, 0.0,
-                          _performer_flops(n, d, m, causal)))  # fmt: skip
+        out.append(Method(f"performer m={m}", "lowrank-performer", {"num_features": m, "feature_map": feature_map},
+                          run_perf, 0.0, _performer_flops(n, d, m, causal)))  # fmt: skip
     return out
 
 
@@ -411,11 +413,16 @@ def _block_sparse_methods(n, d, causal) -> list[Method]:
     return out
 
 
-def method_suite(n: int, d: int, causal: bool, families: Iterable[str] | None = None) -> list[Method]:
-    """Every configured method for sequences of length n and head dim d (SEA is added by ``evaluate``)."""
+def method_suite(
+    n: int, d: int, causal: bool, families: Iterable[str] | None = None, *, feature_map: str = "cosh"
+) -> list[Method]:
+    """Every configured method for sequences of length n and head dim d (SEA is added by ``evaluate``).
+
+    ``feature_map`` is the random-feature map of Scatterbrain and of the Performer baseline.
+    """
     methods = (
-        _scatterbrain_methods(n, d, causal)
-        + _parts_methods(n, d, causal)
+        _scatterbrain_methods(n, d, causal, feature_map)
+        + _parts_methods(n, d, causal, feature_map)
         + _combiner_methods(n, d, causal)
         + _spt_methods(n, d, causal)
         + _block_sparse_methods(n, d, causal)
@@ -531,6 +538,7 @@ def evaluate(
     device=None,
     method_names: Iterable[str] | None = None,
     sea_width: int | None = None,
+    feature_map: str = "cosh",
 ) -> list[dict]:
     """One row per (sample, method): relative error vs fp64 exact attention and the budget fractions.
 
@@ -542,7 +550,7 @@ def evaluate(
         q, k, v = (t.to(device) if device else t for t in (s.q, s.k, s.v))
         B, H, N, D = q.shape
         exact = exact_attention(q, k, v, s.causal)
-        methods = method_suite(N, D, s.causal, families)
+        methods = method_suite(N, D, s.causal, families, feature_map=feature_map)
         if names is not None:
             methods = [m for m in methods if m.name in names]
         if (families is None or "sea" in set(families)) and (
@@ -601,7 +609,13 @@ def _largest_window(n: int, causal: bool, sparse: str, d: int, budget: float, ki
 
 
 def equal_budget_scatterbrain(
-    samples: list[AttentionSample], *, num_features: int = 32, window: int = 32, trials: int = 3, device=None
+    samples: list[AttentionSample],
+    *,
+    num_features: int = 32,
+    window: int = 32,
+    trials: int = 3,
+    device=None,
+    feature_map: str = "cosh",
 ) -> list[dict]:
     """Scatterbrain vs its sparse part and its low-rank part alone, each given Scatterbrain's budget.
 
@@ -609,10 +623,11 @@ def equal_budget_scatterbrain(
     (stored attention entries: N m for a rank-m factor, one per support entry, as the paper
     compares a rank-r + s-sparse matrix with rank-(r + s/N) and (N r + s)-sparse ones). Sparse-only
     gets the largest window (local band) or bucket (LSH) within the budget, low-rank-only the most
-    random features; errors are averaged over ``trials`` draws of features and hashes.
+    random features; errors are averaged over ``trials`` draws of features and hashes. Scatterbrain
+    and low-rank-only use the same ``feature_map`` ("cosh" or "positive").
     """
     from zoo.layers.scatterbrain import (
-        orthogonal_gaussian_projection,
+        draw_feature_projection,
         performer_attention,
         scatterbrain_attention,
     )
@@ -636,10 +651,10 @@ def equal_budget_scatterbrain(
             sb_err, sb_heads = [], []
             for trial in range(trials):
                 gen = torch.Generator().manual_seed(trial)
-                proj = orthogonal_gaussian_projection(num_features, D, generator=gen, device=q.device)
+                proj = draw_feature_projection(num_features, D, feature_map, generator=gen, device=q.device)
                 hv = torch.randn(1, D + 2, generator=gen).to(q.device)
                 out = scatterbrain_attention(q, k, v, sparse=sparse, window=window, causal=s.causal, projection=proj,
-                                             hash_vectors=hv)  # fmt: skip
+                                             hash_vectors=hv, feature_map=feature_map)  # fmt: skip
                 sb_err.append(relative_error(out, exact))
                 sb_heads.append(_per_head_error(out, exact))
             for kind, budget in budgets.items():
@@ -654,10 +669,10 @@ def equal_budget_scatterbrain(
                 for trial in range(trials):
                     gen = torch.Generator().manual_seed(trial)
                     hv = torch.randn(1, D + 2, generator=gen).to(q.device)
-                    proj2 = orthogonal_gaussian_projection(m2, D, generator=gen, device=q.device)
+                    proj2 = draw_feature_projection(m2, D, feature_map, generator=gen, device=q.device)
                     sp = scatterbrain_attention(q, k, v, sparse=sparse, window=w2, causal=s.causal, mode="sparse",
                                                 hash_vectors=hv)  # fmt: skip
-                    lr = performer_attention(q, k, v, proj2, causal=s.causal)
+                    lr = performer_attention(q, k, v, proj2, causal=s.causal, feature_map=feature_map)
                     sp_err.append(relative_error(sp, exact))
                     lr_err.append(relative_error(lr, exact))
                     sp_heads.append(_per_head_error(sp, exact))
@@ -687,6 +702,7 @@ def equal_budget_scatterbrain(
                         "sparse": sparse,
                         "budget": kind,
                         "scatterbrain": {"num_features": num_features, "window": window, kind: budget},
+                        "feature_map": feature_map,
                         "sparse_only": {"window": w2},
                         "lowrank_only": {"num_features": m2},
                         "rel_error": mean,
@@ -1052,12 +1068,16 @@ def run(args) -> dict:
             save_samples(evals, out_dir / f"{args.name}_qkv.safetensors")
     families = args.families
     t0 = time.perf_counter()
+    feature_map = getattr(args, "sb_feature_map", "cosh")
+    result["feature_map"] = feature_map
     result["rows"] = evaluate(
-        samples, families=families, sea_train=sea_train, sea_steps=args.sea_steps, device=device
-    )
+        samples, families=families, sea_train=sea_train, sea_steps=args.sea_steps, device=device,
+        feature_map=feature_map,
+    )  # fmt: skip
     result["scatterbrain_equal_budget"] = equal_budget_scatterbrain(
-        samples, device=device, num_features=args.sb_features, window=args.sb_window, trials=args.sb_trials
-    )
+        samples, device=device, num_features=args.sb_features, window=args.sb_window, trials=args.sb_trials,
+        feature_map=feature_map,
+    )  # fmt: skip
     result["evaluate_seconds"] = round(time.perf_counter() - t0, 1)
     result["summary"] = _equal_budget_summary(result["scatterbrain_equal_budget"])
     if args.sweep:

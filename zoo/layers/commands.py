@@ -84,6 +84,12 @@ def add_approx_eval_arguments(p: argparse.ArgumentParser) -> None:
         "--sb-window", type=int, default=32, help="Scatterbrain's band / bucket in the equal-budget test"
     )
     p.add_argument("--sb-trials", type=int, default=3, help="draws of features and hashes averaged")
+    p.add_argument(
+        "--sb-feature-map",
+        choices=["cosh", "positive"],
+        default="cosh",
+        help="random features of Scatterbrain and the Performer baseline (default: %(default)s)",
+    )
     p.add_argument("--sweep", action="store_true", help="time / peak-memory sweep N = 1k..64k (GPU)")
     p.add_argument("--sweep-max-n", type=int, default=65536)
     p.add_argument(

@@ -6,9 +6,14 @@ arXiv 2110.15343.
 
 Algorithm (per head, softmax scale ``s = D ** -0.5``)::
 
-    phi(x)   Performer positive random features (FAVOR+): with x' = x * sqrt(s) and rows w_r of an
-             orthogonal Gaussian projection (m = d ln d rows by default),
-             phi(x)_r = exp(w_r . x' - |x'|^2 / 2) / sqrt(m),  so E[phi(q) . phi(k)] = exp(s q . k)
+    phi(x)   random features with E[phi(q) . phi(k)] = exp(s q . k), x' = x * sqrt(s), rows w_r of an
+             orthogonal Gaussian projection, m features (m = d ln d by default):
+             "cosh" (default, as upstream): m/2 rows, each giving the pair
+                 exp(+w_r . x' - |x'|^2 / 2) / sqrt(m),  exp(-w_r . x' - |x'|^2 / 2) / sqrt(m)
+             "positive" (Performer FAVOR+): m rows, phi(x)_r = exp(w_r . x' - |x'|^2 / 2) / sqrt(m)
+             Both are unbiased; the +-w pair is an antithetic sample, so at equal m the cosh
+             estimate of one entry has variance (1 - exp(-|q' + k'|^2)) times that of the
+             positive one (independent rows).
     L        = phi(Q) phi(K)^T                                   (low-rank, never formed)
     M        sparse support: a local band |i - j| < window, or LSH buckets (balanced clusters of
              queries and keys sorted along a random projection of the asymmetric XBOX+ transform,
@@ -41,9 +46,11 @@ from zoo.layers.checks import check_qkv
 __all__ = [
     "ScatterbrainAttention",
     "default_num_features",
+    "draw_feature_projection",
     "draw_hash_vectors",
     "orthogonal_gaussian_projection",
     "performer_log_features",
+    "projection_rows",
     "performer_attention",
     "scatterbrain_attention",
     "scatterbrain_attention_reference",
@@ -52,6 +59,8 @@ __all__ = [
 
 SparseKind = Literal["lsh", "local"]
 Mode = Literal["scatterbrain", "sparse", "lowrank"]
+FeatureMap = Literal["positive", "cosh"]
+FEATURE_MAPS = ("positive", "cosh")
 
 
 # ----------------------------------------------------------------------------- grouped heads
@@ -91,11 +100,54 @@ def orthogonal_gaussian_projection(
     return (rows * norms).to(device=device, dtype=dtype)
 
 
-def performer_log_features(x: Tensor, projection: Tensor, scale: float) -> Tensor:
-    """log phi(x): (..., N, D) -> (..., N, m), with phi(q) . phi(k) an unbiased estimate of exp(scale q.k)."""
+def _check_feature_map(feature_map: str, fn: str) -> None:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"{fn}: feature_map must be 'positive' or 'cosh', got {feature_map!r}")
+
+
+def projection_rows(num_features: int, feature_map: FeatureMap = "cosh") -> int:
+    """Rows of the projection behind m features: m ("positive") or m // 2 ("cosh", two features a row)."""
+    _check_feature_map(feature_map, "projection_rows")
+    need = 2 if feature_map == "cosh" else 1
+    if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features < need:
+        raise ValueError(
+            f"projection_rows: num_features must be an int >= {need} for feature_map={feature_map!r}, "
+            f"got {num_features!r}"
+        )
+    return num_features // 2 if feature_map == "cosh" else num_features
+
+
+def draw_feature_projection(
+    num_features: int,
+    dim: int,
+    feature_map: FeatureMap = "cosh",
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The orthogonal Gaussian projection behind ``num_features`` features of ``feature_map``.
+
+    (m, dim) for "positive", (m // 2, dim) for "cosh" (an odd m gives m - 1 features, as upstream).
+    """
+    rows = projection_rows(num_features, feature_map)
+    return orthogonal_gaussian_projection(rows, dim, generator=generator, device=device, dtype=dtype)
+
+
+def performer_log_features(
+    x: Tensor, projection: Tensor, scale: float, feature_map: FeatureMap = "positive"
+) -> Tensor:
+    """log phi(x): (..., N, D) -> (..., N, m), with phi(q) . phi(k) an unbiased estimate of exp(scale q.k).
+
+    ``projection`` is (r, D); m = r ("positive") or m = 2 r ("cosh": features of +w_r then of -w_r).
+    """
+    _check_feature_map(feature_map, "performer_log_features")
     x = x * math.sqrt(scale)
-    m = projection.shape[0]
-    return x @ projection.to(x.dtype).T - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(m)
+    proj = x @ projection.to(x.dtype).T
+    if feature_map == "cosh":
+        proj = torch.cat([proj, -proj], -1)
+    m = proj.shape[-1]
+    return proj - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(m)
 
 
 def _lowrank_terms(log_fq: Tensor, log_fk: Tensor, v_ext: Tensor, causal: bool, chunk: int = 128):
@@ -140,13 +192,17 @@ def performer_attention(
     causal: bool = False,
     scale: float | None = None,
     chunk: int = 128,
+    feature_map: FeatureMap = "positive",
 ) -> Tensor:
     """FAVOR+ (Performer) attention, GQA aware: the low-rank part of Scatterbrain on its own.
 
+    ``feature_map`` says how ``projection`` (r, D) becomes features: "positive" (FAVOR+, the
+    default here: m = r) or "cosh" (Scatterbrain's default: m = 2 r).
     Rows go in chunks of ``chunk`` with a running key summary (m, Dv + 1) per head, so the
     features exist for one chunk at a time: memory O(chunk m + m Dv) per head beside q, k, v.
     """
     H, Hkv, N = check_qkv(q, k, v, "performer_attention")
+    _check_feature_map(feature_map, "performer_attention")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"performer_attention: chunk must be a positive int, got {chunk!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -159,7 +215,7 @@ def performer_attention(
     spans = [(s, min(N, s + chunk)) for s in range(0, N, chunk)]
 
     def key_features(s: int, e: int) -> Tensor:
-        return performer_log_features(kf[..., s:e, :].to(work), projection, scale)
+        return performer_log_features(kf[..., s:e, :].to(work), projection, scale, feature_map)
 
     # one shift for all keys of a head (a detached constant: it cancels in the normalisation)
     with torch.no_grad():
@@ -175,7 +231,7 @@ def performer_attention(
             state = part if state is None else state + part
     outs = []
     for s, e in spans:
-        log_fq = performer_log_features(qg[..., s:e, :].to(work), projection, scale)
+        log_fq = performer_log_features(qg[..., s:e, :].to(work), projection, scale, feature_map)
         fq = torch.exp(log_fq - log_fq.detach().amax(-1, keepdim=True))
         if causal:
             fk = torch.exp(key_features(s, e) - key_shift)
@@ -324,7 +380,9 @@ def scatterbrain_support_mask(
 
 
 # ----------------------------------------------------------------------------- the attention
-def _validate_options(sparse: str, window: int, n_hashes: int, mode: str, fn: str) -> None:
+def _validate_options(
+    sparse: str, window: int, n_hashes: int, mode: str, fn: str, feature_map: str = "cosh"
+) -> None:
     if sparse not in ("lsh", "local"):
         raise ValueError(f"{fn}: sparse must be 'lsh' or 'local', got {sparse!r}")
     if not isinstance(window, int) or window < 1:
@@ -333,6 +391,7 @@ def _validate_options(sparse: str, window: int, n_hashes: int, mode: str, fn: st
         raise ValueError(f"{fn}: n_hashes must be a positive int, got {n_hashes!r}")
     if mode not in ("scatterbrain", "sparse", "lowrank"):
         raise ValueError(f"{fn}: mode must be 'scatterbrain', 'sparse' or 'lowrank', got {mode!r}")
+    _check_feature_map(feature_map, fn)
 
 
 def scatterbrain_attention(
@@ -351,18 +410,21 @@ def scatterbrain_attention(
     hash_vectors: Tensor | None = None,
     generator: torch.Generator | None = None,
     return_log_normalizer: bool = False,
+    feature_map: FeatureMap = "cosh",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scatterbrain attention on (B, H, N, D) q and (B, Hkv, N, D) k, v.
 
     Parameters
     ----------
     num_features: random features m (default d ln d); ignored when ``projection`` is given.
+    feature_map: ``"cosh"`` (default, as upstream: m / 2 projections w, features at +w and -w) or
+        ``"positive"`` (Performer FAVOR+: m projections).
     sparse, window, n_hashes: the support: ``"local"`` band |i - j| < window, or ``"lsh"`` clusters of
         ``window`` queries and keys, ``n_hashes`` rounds.
     mode: ``"scatterbrain"`` (default), ``"sparse"`` (exact attention on the support only) or
         ``"lowrank"`` (Performer only).
-    projection, hash_vectors: fixed randomness (m, D) and (n_hashes, D + 2); drawn from
-        ``generator`` when absent.
+    projection, hash_vectors: fixed randomness (m, D) ("positive") or (m / 2, D) ("cosh"), and
+        (n_hashes, D + 2); drawn from ``generator`` when absent (see ``draw_feature_projection``).
     return_log_normalizer: also return log of the row sums of the implied (unnormalised) matrix,
         (B, H, N) fp32 (fp64 for fp64 inputs), like an lse.
 
@@ -370,14 +432,18 @@ def scatterbrain_attention(
     """
     fn = "scatterbrain_attention"
     H, Hkv, N = check_qkv(q, k, v, fn)
-    _validate_options(sparse, window, n_hashes, mode, fn)
+    _validate_options(sparse, window, n_hashes, mode, fn, feature_map)
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else float(scale)
     if projection is None and mode != "sparse":
         m = default_num_features(D) if num_features is None else num_features
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(f"{fn}: num_features must be a positive int, got {num_features!r}")
-        projection = orthogonal_gaussian_projection(m, D, generator=generator, device=q.device)
+        need = 2 if feature_map == "cosh" else 1
+        if not isinstance(m, int) or isinstance(m, bool) or m < need:
+            raise ValueError(
+                f"{fn}: num_features must be an int >= {need} for feature_map={feature_map!r}, "
+                f"got {num_features!r}"
+            )
+        projection = draw_feature_projection(m, D, feature_map, generator=generator, device=q.device)
     if projection is not None and (projection.dim() != 2 or projection.shape[1] != D):
         raise ValueError(f"{fn}: projection must be (m, {D}), got {tuple(projection.shape)}")
     if sparse == "lsh" and mode != "lowrank":
@@ -398,8 +464,8 @@ def scatterbrain_attention(
     Dv1 = v_ext.shape[-1]
 
     if mode != "sparse":
-        log_fq = performer_log_features(qg, projection.to(work), scale)
-        log_fk = performer_log_features(kf.unsqueeze(2), projection.to(work), scale)
+        log_fq = performer_log_features(qg, projection.to(work), scale, feature_map)
+        log_fk = performer_log_features(kf.unsqueeze(2), projection.to(work), scale, feature_map)
         low, low_shift = _lowrank_terms(log_fq, log_fk, v_ext, causal)  # (B,Hkv,G,N,Dv+1), (B,Hkv,G,N,1)
     if mode == "lowrank":
         num, shift = low, low_shift.squeeze(-1)
@@ -470,9 +536,16 @@ def scatterbrain_attention_reference(
     scale: float | None = None,
     mode: Mode = "scatterbrain",
     return_matrix: bool = False,
+    feature_map: FeatureMap = "cosh",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Dense fp64 Scatterbrain: forms exp(sQK^T), phi(Q)phi(K)^T and the support (B, H, N, N) explicitly."""
+    """Dense fp64 Scatterbrain: forms exp(sQK^T), phi(Q)phi(K)^T and the support (B, H, N, N) explicitly.
+
+    The low-rank entries are built pairwise, not from features: with z = sqrt(s) (q_i + k_j) and
+    c = exp(-s (|q_i|^2 + |k_j|^2) / 2), entry (i, j) is c mean_r exp(w_r . z) ("positive") or
+    c mean_r cosh(w_r . z) ("cosh"), over the r rows of ``projection``.
+    """
     H, Hkv, N = check_qkv(q, k, v, "scatterbrain_attention_reference")
+    _check_feature_map(feature_map, "scatterbrain_attention_reference")
     D = q.shape[-1]
     scale = D**-0.5 if scale is None else scale
     q64 = q.double()
@@ -485,11 +558,12 @@ def scatterbrain_attention_reference(
     support = support.bool() & visible
     if mode != "sparse":
         p = projection.double()
-        m = p.shape[0]
         qs, ks = q64 * math.sqrt(scale), k64 * math.sqrt(scale)
-        fq = torch.exp(qs @ p.T - 0.5 * (qs * qs).sum(-1, keepdim=True)) / math.sqrt(m)
-        fk = torch.exp(ks @ p.T - 0.5 * (ks * ks).sum(-1, keepdim=True)) / math.sqrt(m)
-        lowrank = fq @ fk.transpose(-1, -2)
+        z = qs.unsqueeze(-2) + ks.unsqueeze(-3)  # (B, H, N, N, D)
+        proj = z @ p.T  # (B, H, N, N, r)
+        kernel = torch.cosh(proj) if feature_map == "cosh" else torch.exp(proj)
+        norms = (qs * qs).sum(-1).unsqueeze(-1) + (ks * ks).sum(-1).unsqueeze(-2)
+        lowrank = kernel.mean(-1) * torch.exp(-0.5 * norms)
     if mode == "scatterbrain":
         matrix = torch.where(support, exact, lowrank) * visible
     elif mode == "sparse":
@@ -505,7 +579,8 @@ def scatterbrain_attention_reference(
 class ScatterbrainAttention(nn.Module):
     """Self-attention on (B, N, C) with Scatterbrain in place of softmax attention.
 
-    The random feature projection (m, head_dim) and LSH directions are buffers drawn at
+    The random feature projection ((m, head_dim) for ``feature_map="positive"``, (m // 2, head_dim)
+    for ``"cosh"``, the default) and LSH directions are buffers drawn at
     construction; ``redraw()`` draws new ones (the paper redraws features during training).
     """
 
@@ -521,6 +596,7 @@ class ScatterbrainAttention(nn.Module):
         causal: bool = False,
         qkv_bias: bool = True,
         mode: Mode = "scatterbrain",
+        feature_map: FeatureMap = "cosh",
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -532,10 +608,12 @@ class ScatterbrainAttention(nn.Module):
             raise ValueError(
                 f"ScatterbrainAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
             )
-        _validate_options(sparse, window, n_hashes, mode, "ScatterbrainAttention")
+        _validate_options(sparse, window, n_hashes, mode, "ScatterbrainAttention", feature_map)
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = dim // num_heads
         self.num_features = default_num_features(self.head_dim) if num_features is None else num_features
+        self.feature_map = feature_map
+        rows = projection_rows(self.num_features, feature_map)
         self.sparse, self.window, self.n_hashes, self.causal, self.mode = (
             sparse,
             window,
@@ -546,7 +624,7 @@ class ScatterbrainAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_proj = nn.Linear(dim, 2 * num_kv_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.register_buffer("projection", torch.empty(self.num_features, self.head_dim))
+        self.register_buffer("projection", torch.empty(rows, self.head_dim))
         self.register_buffer("hash_vectors", torch.empty(n_hashes, self.head_dim + 2))
         self.redraw()
 
@@ -555,7 +633,7 @@ class ScatterbrainAttention(nn.Module):
         """Draw a fresh feature projection and fresh LSH directions."""
         dev = self.projection.device
         self.projection.copy_(
-            orthogonal_gaussian_projection(self.num_features, self.head_dim, generator=generator)
+            draw_feature_projection(self.num_features, self.head_dim, self.feature_map, generator=generator)
         )
         self.hash_vectors.copy_(
             draw_hash_vectors(self.n_hashes, self.head_dim, generator=generator, device=dev)
@@ -572,6 +650,7 @@ class ScatterbrainAttention(nn.Module):
             causal=self.causal,
             n_hashes=self.n_hashes,
             mode=self.mode,
+            feature_map=self.feature_map,
             projection=self.projection,
             hash_vectors=self.hash_vectors,
         )
