@@ -5,7 +5,7 @@ import torch
 
 import zoo
 from zoo import checkpoints
-from zoo.weather.adas import Adas, official_key_to_zoo, unify_mae
+from zoo.weather.adas import Adas, conv3d_flat_depth, official_key_to_zoo, unify_mae
 from zoo.weather.adas_reference import (
     OfficialConfig,
     adas_reference_forward,
@@ -252,3 +252,57 @@ def test_adas_learns_from_observations():
         analysis = model.eval()(bg, obs, mask)
     ratio = (analysis - truth).pow(2).mean().sqrt() / (bg - truth).pow(2).mean().sqrt()
     assert ratio < 0.6, float(ratio)
+
+
+@pytest.mark.parametrize(
+    "kernel,padding,depth",
+    [((3, 5, 7), (1, 2, 3), 1), ((1, 1, 1), 0, 1), ((3, 3, 3), 1, 2)],
+)
+def test_depth_one_convolution_equals_conv3d(kernel, padding, depth):
+    """The 2D path on depth-1 inputs gives the Conv3d's values and gradients (fp64); depth 2 runs the Conv3d."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 4, kernel, padding=padding).double()
+    x = torch.randn(2, 6, depth, 9, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 4, depth, 9, 12, dtype=torch.float64)
+    ref = conv(x)
+    (ref * target).sum().backward()
+    ref_grads = [t.grad.clone() for t in (x, conv.weight, conv.bias)]
+    for t in (x, conv.weight, conv.bias):
+        t.grad = None
+    out = conv3d_flat_depth(conv, x)
+    (out * target).sum().backward()
+    torch.testing.assert_close(out, ref)
+    for got, want in zip((x.grad, conv.weight.grad, conv.bias.grad), ref_grads):
+        torch.testing.assert_close(got, want)
+    if kernel[0] == 3 and depth == 1:  # only the centre slice meets data: the outer slices get no gradient
+        assert conv.weight.grad[:, :, 0].abs().max() == 0 and conv.weight.grad[:, :, 1].abs().max() > 0
+
+
+def test_fraction_schedule_starts_dense_and_ends_even():
+    from zoo.weather.train import _fraction_weights
+
+    torch.testing.assert_close(_fraction_weights(3, 0.0, 0.3), torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(_fraction_weights(3, 0.15, 0.3), torch.tensor([2 / 3, 1 / 6, 1 / 6]))
+    for progress, until in ((0.3, 0.3), (0.9, 0.3), (0.0, 0.0)):
+        torch.testing.assert_close(_fraction_weights(3, progress, until), torch.full((3,), 1 / 3))
+
+
+def test_train_adas_refuses_bad_options(tmp_path):
+    from zoo.weather.train import train_adas
+
+    with pytest.raises(ValueError, match="scale: expected 'innovation' or 'background', got 'obs'"):
+        train_adas(tmp_path, tmp_path, scale="obs")
+    with pytest.raises(ValueError, match=r"dense_until: expected a value in \[0, 1\], got 1.5"):
+        train_adas(tmp_path, tmp_path, dense_until=1.5)
+    with pytest.raises(ValueError, match="reuse: expected an integer >= 1, got 0"):
+        train_adas(tmp_path, tmp_path, reuse=0)
+    with pytest.raises(ValueError, match=r"fresh_until: expected a value in \[0, 1\], got -0.1"):
+        train_adas(tmp_path, tmp_path, fresh_until=-0.1)
+
+
+def test_evaluation_reserve_covers_a_year_of_cycles():
+    from zoo.weather.train import evaluation_minutes
+
+    # 1458 cycles took 134 s on the H200 and the rest of the evaluation about a minute
+    assert evaluation_minutes(1460) * 60 > 134 + 60
+    assert evaluation_minutes(0) < evaluation_minutes(240) < evaluation_minutes(1460)

@@ -19,6 +19,8 @@ from zoo.weather.observations import (
     station_locations,
 )
 from zoo.weather.oi import OptimalInterpolation, gaussian_correlation, great_circle_km
+from zoo.weather.osse import OBSERVATION_ERROR_STD
+from zoo.weather.train import evaluation_minutes
 
 from .helpers import LAT, LON, make_state
 
@@ -280,6 +282,15 @@ def test_commands_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["eval"]["by_fraction"]) == {"0.1", "0.01", "0.001"}
     assert results["eval"]["cycling"]["cycles"] == 3 and results["eval"]["cycling"]["finite"]
+    assert results["eval_reserve_minutes"] == pytest.approx(evaluation_minutes(3))
+    # the Adas increment scale is the innovation's standard deviation, sqrt(sigma_b^2 + sigma_o^2)
+    adas_meta = json.loads((out / "adas.json").read_text())
+    sigma_o = [
+        OBSERVATION_ERROR_STD[name] / std for name, std in zip(OSSE_VARS, adas_meta["normalisation"]["std"])
+    ]
+    expected = [(b * b + o * o) ** 0.5 for b, o in zip(adas_meta["background_error_scale"], sigma_o)]
+    assert adas_meta["increment_scale"] == pytest.approx(expected, rel=1e-5)
+    assert adas_meta["schedule"]["scale"] == "innovation"
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(
         [

@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo.layers.window_attention import WindowTransformerBlock3D, relative_position_index_3d
 
-__all__ = ["Adas", "adas_token_grid", "checkpoint_filter_fn", "unify_mae"]
+__all__ = ["Adas", "adas_token_grid", "checkpoint_filter_fn", "conv3d_flat_depth", "unify_mae"]
 
 LONGITUDE_PERIODIC = (False, False, True)
 
@@ -62,6 +62,29 @@ def adas_token_grid(
     kh = ph + 1 if H % 2 else ph
     depth = (levels - pd) // pd + 1 + (1 if surface_variables else 0)
     return depth, (H - kh) // ph + 1, (W - pw) // pw + 1
+
+
+def conv3d_flat_depth(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; on a depth-1 input (one pressure level, no surface slab) as the equal 2D convolution.
+
+    With depth 1 and "same" zero padding along depth only the centre depth slice of the
+    kernel ever meets data, so ``conv2d`` with that slice gives the same values and gradients
+    at a third (kernel depth 3) of the cost. Anything else runs ``conv`` itself.
+    """
+    kd = conv.kernel_size[0]
+    if (
+        x.shape[2] != 1
+        or conv.stride[0] != 1
+        or conv.dilation[0] != 1
+        or conv.padding[0] != kd // 2
+        or not kd % 2
+    ):
+        return conv(x)
+    weight = conv.weight[:, :, kd // 2]
+    out = F.conv2d(
+        x[:, :, 0], weight, conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:], conv.groups
+    )
+    return out.unsqueeze(2)
 
 
 class StateEmbedding(nn.Module):
@@ -209,7 +232,7 @@ class GatedCrossAttention(nn.Module):
         obs_mid = self._run(self.observation_attn, obs, bg)
         bg = bg_mid * (1 - g) + self._run(self.background_attn_shifted, bg_mid * g, obs_mid)
         obs = self._run(self.observation_attn_shifted, obs_mid, bg_mid)
-        gate = torch.sigmoid(self.gate_update(gate))
+        gate = torch.sigmoid(conv3d_flat_depth(self.gate_update, gate))
         return [bg.movedim(-1, 1), obs.movedim(-1, 1), gate]
 
 
@@ -253,9 +276,9 @@ class GatedConvStage(nn.Module):
         bg, obs, gate = streams
         if skip is not None:
             bg, obs, gate = (torch.cat([a, b], dim=1) for a, b in zip(streams, skip))
-        bg = F.silu(self.background_conv(bg))
-        gate = torch.sigmoid(self.gate_conv(gate))
-        obs = F.silu(self.observation_conv(obs)) * gate
+        bg = F.silu(conv3d_flat_depth(self.background_conv, bg))
+        gate = torch.sigmoid(conv3d_flat_depth(self.gate_conv, gate))
+        obs = F.silu(conv3d_flat_depth(self.observation_conv, obs)) * gate
         out = self.cross(bg, obs, gate)
         return [o + s for o, s in zip(out, streams)]
 
@@ -283,7 +306,9 @@ class Adas(nn.Module):
 
     ``increment_scale`` (a persistent per-channel buffer, present when ``residual`` or
     ``innovation`` is on; ones until :meth:`set_increment_scale`) is the typical size of a
-    background error in normalised units. A 6-hour background is within a few hundredths of
+    background error in normalised units (OSSE training uses the innovation's standard
+    deviation, background and observation errors together, so that noisy observed values do
+    not dwarf the informative ones). A 6-hour background is within a few hundredths of
     the truth in normalised units, so a network that must subtract two O(1) streams to find
     the correction, and emit a correction a hundred times smaller than its inputs, learns
     very slowly (bf16 alone resolves only about 1/256 of an O(1) value). Innovations and
@@ -429,7 +454,7 @@ class Adas(nn.Module):
         x = self.stages[2](s2)
         x = self.stages[3](x, s2)
         x = self.stages[4](x, s1)
-        x = self.fusion(torch.cat(x, dim=1)).movedim(1, -1)
+        x = conv3d_flat_depth(self.fusion, torch.cat(x, dim=1)).movedim(1, -1)
         for block in self.decoder:
             x = (
                 checkpoint(block, x, use_reentrant=False)

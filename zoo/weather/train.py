@@ -7,11 +7,12 @@ Follows FengWu-Adas (arXiv 2312.12462) on our shallow-water OSSE:
   ``(x_{t-6h}, x_t)``, MSE on normalised states;
 - ``adas``: as in the paper, the background of each step is the forecaster's 6-hour forecast
   from the previous *analyses* (``B`` parallel cycling streams walk through the training years;
-  a stream restarts from the truth every cycle during the first 10% of the run, then with
+  a stream restarts from the truth every cycle during the first half of the run, then with
   probability ``1 / restart_every`` per cycle, and at once when its background error passes
   ``max_error_growth`` times a 6-hour forecast's), observations are the truth plus Gaussian
-  errors at a random 10%, 1% or 0.1% of grid values, loss UnifyMAE. The OSSE Adas reads
-  innovations and predicts increments in units of the 6-hour forecast error, measured before
+  errors at a random 10%, 1% or 0.1% of grid values (10% first, an even mix from half-way),
+  loss UnifyMAE. The OSSE Adas reads innovations and predicts increments in units of the
+  innovation's standard deviation (6-hour forecast error and observation error), measured before
   training and stored in the checkpoint (:class:`zoo.weather.adas.Adas`);
 - ``eval``: on the held-out year, WeatherBench2 RMSE / bias / ACC of the background, OI
   (3D-Var) and Adas at 10%, 1% and 0.1% observations, a cycling run (RMSE over time, PNG;
@@ -38,7 +39,7 @@ from zoo.progress import get_logger
 from zoo.weather.grid import Normalisation
 from zoo.weather.osse import OBSERVATION_ERROR_STD, TEST_YEAR, TRAIN_YEARS, load_years, osse_layout
 
-__all__ = ["evaluate", "run_nature", "train_adas", "train_forecaster"]
+__all__ = ["evaluate", "evaluation_minutes", "run_all", "run_nature", "train_adas", "train_forecaster"]
 
 log = get_logger("zoo.weather.train")
 FRACTIONS = (0.1, 0.01, 0.001)
@@ -270,6 +271,17 @@ def _background_error_scale(
     return (sq / n).sqrt().clamp_min(1e-6)
 
 
+def _fraction_weights(n: int, progress: float, dense_until: float) -> torch.Tensor:
+    """Draw weights of ``n`` observation fractions: all on the first (densest) at the start, an even mix from ``dense_until`` on."""
+    even = torch.full((n,), 1.0 / n)
+    if dense_until <= 0.0 or progress >= dense_until:
+        return even
+    dense = torch.zeros(n)
+    dense[0] = 1.0
+    share = 1.0 - progress / dense_until
+    return share * dense + (1.0 - share) * even
+
+
 def train_adas(
     data: str | Path,
     out: str | Path,
@@ -288,19 +300,46 @@ def train_adas(
     device: str | None = None,
     seed: int = 0,
     overrides: dict | None = None,
+    scale: str = "innovation",
+    dense_until: float = 0.5,
+    reuse: int = 1,
+    fresh_until: float = 0.5,
 ) -> dict[str, Any]:
     """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``.
 
     ``streams`` cycling streams form the batch. Each step forecasts the next background from
     each stream's last two analyses, draws observations (a random fraction of ``fractions``)
     from the truth, and trains on ``unify_mae(analysis, truth)``. A stream restarts from the
-    truth with probability ``1 / restart_every`` per cycle (every cycle for the first 10% of
-    the run, so the model first meets plain 6-hour backgrounds), and at once when its
+    truth with probability ``1 / restart_every`` per cycle (every cycle for the first
+    ``fresh_until`` of the run, so the model first meets plain 6-hour backgrounds: cycled
+    backgrounds of an Adas that does not yet use the observations drift, and their errors are
+    then largely the forecaster's own drift, which the network learns to undo from the
+    background alone, never turning to the observations), and at once when its
     background error exceeds ``max_error_growth`` times that of a 6-hour forecast from the
     truth: a poor early Adas would otherwise feed the training with free-forecast errors far
-    outside what a working cycle produces. Before training, the model's ``increment_scale``
-    (when it has one) is set to the RMS 6-hour forecast error per channel.
+    outside what a working cycle produces.
+
+    Before training, the model's ``increment_scale`` (when it has one) is set per channel to
+    the RMS 6-hour forecast error ``sigma_b`` (``scale="background"``) or to the standard
+    deviation of an innovation, ``sqrt(sigma_b^2 + sigma_o^2)`` (``scale="innovation"``, the
+    default): with observation errors several times the background error (the OSSE winds),
+    background-error units make the observed wind departures mostly noise of size 2-4 that
+    swamps the geopotential departures in the embedding's layer norm; in innovation units every
+    observed value has unit variance. ``dense_until``: the densest fraction (``fractions[0]``)
+    is drawn for every stream at the start, its share falling linearly to an even mix at that
+    point of the run (0 draws evenly throughout): sparse observations carry little signal to
+    learn the spreading of departures from. ``reuse``: each cycled background serves that many
+    steps, with fresh observations each time, before its stream moves on (one forecast per
+    ``reuse`` steps).
     """
+    if scale not in ("innovation", "background"):
+        raise ValueError(f"scale: expected 'innovation' or 'background', got {scale!r}")
+    if not 0.0 <= dense_until <= 1.0:
+        raise ValueError(f"dense_until: expected a value in [0, 1], got {dense_until}")
+    if reuse < 1:
+        raise ValueError(f"reuse: expected an integer >= 1, got {reuse}")
+    if not 0.0 <= fresh_until <= 1.0:
+        raise ValueError(f"fresh_until: expected a value in [0, 1], got {fresh_until}")
     from zoo.weather import create_model
     from zoo.weather.adas import unify_mae
 
@@ -319,19 +358,22 @@ def train_adas(
     amp = dev.type == "cuda"
     gen = torch.Generator(device="cpu").manual_seed(seed)
     error_scale = _background_error_scale(fmodel, years, gen, amp)
+    noise_std = torch.tensor(
+        [OBSERVATION_ERROR_STD[n.split("/")[0]] for n in layout.channel_names()], device=dev
+    )
+    noise_std = (noise_std / torch.tensor(norm.std, device=dev, dtype=torch.float32)).view(1, -1, 1, 1)
+    increment_scale = (
+        (error_scale.pow(2) + noise_std.flatten().pow(2)).sqrt() if scale == "innovation" else error_scale
+    )
     if hasattr(model, "set_increment_scale"):
         try:
-            model.set_increment_scale(error_scale)
+            model.set_increment_scale(increment_scale)
         except ValueError:
             pass  # a model without residual/innovation has no scale to set
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state = _TrainingState(out / "adas_train.pt", model, opt)
     step0 = state.resume(dev, "adas")
     gen = torch.Generator(device="cpu").manual_seed(seed + 1 + step0)
-    noise_std = torch.tensor(
-        [OBSERVATION_ERROR_STD[n.split("/")[0]] for n in layout.channel_names()], device=dev
-    )
-    noise_std = (noise_std / torch.tensor(norm.std, device=dev, dtype=torch.float32)).view(1, -1, 1, 1)
     # a stream whose background RMS error (in units of a 6-hour forecast's) passes this restarts
     fresh_error = error_scale.view(1, -1)
 
@@ -343,15 +385,19 @@ def train_adas(
     window = torch.stack([years[w][t - 2 : t] for w, t in where])  # B, 2, C, H, W (normalised)
     losses, ratios, growth = [], [], []
     model.train()
+    background = truth = None
     for step, done in _budget_loop(minutes, max_steps, step0):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, done, lr, warmup)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            background = fmodel(window).float()
-        truth = torch.stack([years[w][t] for w, t in where])
-        frac = torch.tensor(
-            [fractions[int(i)] for i in torch.randint(len(fractions), (streams,), generator=gen)], device=dev
+        fresh = background is None or step % reuse == 0
+        if fresh:
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                background = fmodel(window).float()
+            truth = torch.stack([years[w][t] for w, t in where])
+        pick = torch.multinomial(
+            _fraction_weights(len(fractions), done, dense_until), streams, replacement=True, generator=gen
         )
+        frac = torch.tensor([fractions[int(i)] for i in pick], device=dev)
         mask = (torch.rand(truth.shape, device=dev) < frac.view(-1, 1, 1, 1)).float()
         obs = (truth + noise_std * torch.randn_like(truth)) * mask
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -370,16 +416,21 @@ def train_adas(
             losses.append(stats[0])
             ratios.append(stats[1])
             growth.append(stats[2])
-            too_far = (bg_growth > max_error_growth).tolist()
-            window = torch.stack([window[:, 1], analysis], dim=1)
-            every = 1.0 if done < 0.1 else float(restart_every)
-            for b in range(streams):
-                w, t = where[b]
-                t += 1
-                if too_far[b] or t >= years[w].shape[0] or float(torch.rand(1, generator=gen)) < 1.0 / every:
-                    w, t = restart()
-                    window[b] = years[w][t - 2 : t]
-                where[b] = (w, t)
+            if (step + 1) % reuse == 0:  # else the same backgrounds serve the next step
+                too_far = (bg_growth > max_error_growth).tolist()
+                window = torch.stack([window[:, 1], analysis], dim=1)
+                every = 1.0 if done < fresh_until else float(restart_every)
+                for b in range(streams):
+                    w, t = where[b]
+                    t += 1
+                    if (
+                        too_far[b]
+                        or t >= years[w].shape[0]
+                        or float(torch.rand(1, generator=gen)) < 1.0 / every
+                    ):
+                        w, t = restart()
+                        window[b] = years[w][t - 2 : t]
+                    where[b] = (w, t)
         if step % 100 == 0:
             log.info(
                 "adas step %d loss %.4f analysis/background MAE %.3f background error growth %.2f",
@@ -399,6 +450,14 @@ def train_adas(
         "forecaster": str(fpath.name),
         "steps": final_step,
         "background_error_scale": error_scale.tolist(),
+        "increment_scale": increment_scale.tolist(),
+        "schedule": {
+            "scale": scale,
+            "dense_until": dense_until,
+            "reuse": reuse,
+            "lr": lr,
+            "streams": streams,
+        },
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "train_mae_ratio": float(np.mean(ratios[-50:])) if ratios else None,
         "train_background_error_growth": float(np.mean(growth[-50:])) if growth else None,
@@ -612,6 +671,13 @@ def _plot_increments(path: Path, background, adas, oi, truth, frac) -> None:
     plt.close(fig)
 
 
+def evaluation_minutes(cycles: int, per_cycle_s: float = 0.1, fixed_s: float = 75.0) -> float:
+    """Wall-clock minutes :func:`evaluate` needs on one H200 at 64x128: the scores, OI fit and
+    climatology, free forecast, plots (about ``fixed_s``; 1458 cycles left 64 s besides) plus ``cycles`` cycles of forecast + Adas + writing (1458
+    took 134 s, so about ``per_cycle_s`` each)."""
+    return (fixed_s + per_cycle_s * max(0, int(cycles))) / 60.0
+
+
 def run_all(
     data: str | Path,
     out: str | Path,
@@ -627,12 +693,19 @@ def run_all(
     adas_arch: str = "adas_osse_64x128",
     batch: int = 16,
     streams: int = 8,
+    eval_minutes: float | None = None,
+    adas_share: float = 0.5,
+    adas_reuse: int = 1,
 ) -> dict[str, Any]:
     """Every stage in one call within ``budget_minutes``: nature run, forecaster, Adas, evaluation.
 
     Data and resumable states live in ``data``; ``out`` receives only the deliverables (two
     checkpoints with their sidecars, ``results.json``, two PNGs), so it stays under 8 files.
+    ``eval_minutes`` is kept back for the evaluation (default :func:`evaluation_minutes` of
+    ``cycles``); of the training time left, Adas gets ``adas_share`` and the forecaster the rest.
     """
+    if not 0.0 < adas_share < 1.0:
+        raise ValueError(f"adas_share: expected a value in (0, 1), got {adas_share}")
     start = time.perf_counter()
     data, out = Path(data), Path(out)
     work = data / "runs"
@@ -642,8 +715,9 @@ def run_all(
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
     results["nature"] = run_nature(data, nlat, nlon, days, spinup_days, device)
-    reserve = min(1.5 if cycles else 1.0, 0.2 * budget_minutes)  # evaluation
-    share = max(0.02, (left() - reserve) / 2)
+    reserve = evaluation_minutes(cycles) if eval_minutes is None else eval_minutes
+    results["eval_reserve_minutes"] = reserve
+    share = max(0.02, (left() - reserve) * (1.0 - adas_share))
     results["forecaster"] = train_forecaster(
         data,
         work,
@@ -666,7 +740,9 @@ def run_all(
         nlat=nlat,
         nlon=nlon,
         device=device,
+        reuse=adas_reuse,
     )
+    eval_start = time.perf_counter()
     results["eval"] = evaluate(
         data, work, samples=samples, cycles=cycles, nlat=nlat, nlon=nlon, device=device, work=work
     )
@@ -680,6 +756,7 @@ def run_all(
     ):
         if (work / name).is_file():
             shutil.copy(work / name, out / name)
+    results["eval_minutes"] = (time.perf_counter() - eval_start) / 60.0
     results["minutes"] = (time.perf_counter() - start) / 60.0
     _write_json(out / "results.json", results)
     return results
