@@ -7,10 +7,10 @@ Follows FengWu-Adas (arXiv 2312.12462) on our shallow-water OSSE:
   ``(x_{t-6h}, x_t)``, MSE on normalised states;
 - ``adas``: as in the paper, the background of each step is the forecaster's 6-hour forecast
   from the previous *analyses* (``B`` parallel cycling streams walk through the training years;
-  a stream restarts from the truth every cycle during the first half of the run, then with
+  a stream restarts from the truth every cycle during the first 70% of the run, then with
   probability ``1 / restart_every`` per cycle, and at once when its background error passes
   ``max_error_growth`` times a 6-hour forecast's), observations are the truth plus Gaussian
-  errors at a random 10%, 1% or 0.1% of grid values (10% first, an even mix from half-way),
+  errors at a random 10%, 1% or 0.1% of grid values (10% first, an even mix from 70% of the run on),
   loss UnifyMAE. The OSSE Adas reads innovations and predicts increments in units of the
   innovation's standard deviation (6-hour forecast error and observation error), measured before
   training and stored in the checkpoint (:class:`zoo.weather.adas.Adas`);
@@ -292,7 +292,7 @@ def train_adas(
     streams: int = 16,
     restart_every: int = 20,
     max_error_growth: float = 3.0,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     warmup: int = 50,
     fractions: Sequence[float] = FRACTIONS,
     nlat: int = 64,
@@ -301,9 +301,9 @@ def train_adas(
     seed: int = 0,
     overrides: dict | None = None,
     scale: str = "innovation",
-    dense_until: float = 0.5,
+    dense_until: float = 0.7,
     reuse: int = 1,
-    fresh_until: float = 0.5,
+    fresh_until: float = 0.7,
 ) -> dict[str, Any]:
     """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``.
 
@@ -694,7 +694,7 @@ def run_all(
     batch: int = 16,
     streams: int = 8,
     eval_minutes: float | None = None,
-    adas_share: float = 0.5,
+    adas_share: float = 0.6,
     adas_reuse: int = 1,
 ) -> dict[str, Any]:
     """Every stage in one call within ``budget_minutes``: nature run, forecaster, Adas, evaluation.
