@@ -29,10 +29,14 @@ the window branches.
 
 Two paths compute the same function:
 
-- ``forward``: the fast path. Window pooling is one strided view (or one gather when the grid
-  needs padding) followed by one mean, with no unfold copies; all window branches share one
-  ``scaled_dot_product_attention`` call; tokens stay channels-last; no Python-side state, so
-  it compiles with ``torch.compile``.
+- ``forward``: the fast path, written to launch few kernels (eager training is bound by kernel
+  launches). Window pooling is one strided view (a single exactly tiling branch) or one gather
+  of whole head rows for all branches, then one mean per branch, with no unfold copies; the
+  branches' ``fc``/``kv`` layers run as two batched matrix products over per-call stacks of
+  their weights, their value convolutions as one depthwise convolution, and their attention
+  as one ``scaled_dot_product_attention`` call; splits replace slices (one concatenation in
+  the backward) and the output is assembled by one concatenation. Tokens stay channels-last;
+  no Python-side state, so it compiles with ``torch.compile``.
 - ``forward_reference``: the plain path in the official order of operations (reflection pad,
   ``nn.functional.unfold``, adaptive average pooling, explicit softmax).
 
@@ -55,6 +59,7 @@ __all__ = [
     "fasa_branch_dims",
     "mirror_indices",
     "pool_window_tokens",
+    "pool_window_tokens_branches",
     "pool_window_tokens_reference",
 ]
 
@@ -95,36 +100,89 @@ def _window_grid(size: int, window: int, dilation: int, device: torch.device) ->
     return mirror_indices(offsets[:, None] + starts[None, :], size)
 
 
-def _gather_indices(
-    H: int, W: int, heads: int, window: int, dilation: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row, column and head indices that gather ``(heads, window, window, n_h, n_w)`` window tokens."""
-    rows = _window_grid(H, window, dilation, device)
-    cols = _window_grid(W, window, dilation, device)
-    head = torch.arange(heads, device=device)
-    return (
-        rows.view(1, window, 1, rows.shape[1], 1),
-        cols.view(1, 1, window, 1, cols.shape[1]),
-        head.view(heads, 1, 1, 1, 1),
-    )
+def _branch_row_indices(
+    H: int, W: int, heads: int, window: int, dilations: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Rows of the ``(B, H * W * branches * heads, c)`` feature view that the window branches sample.
+
+    One flat index for all branches, ordered (branch, head, row in window, column in window,
+    window row, window column), and the number of windows of each branch.
+    """
+    n_branches = len(dilations)
+    head = torch.arange(heads, device=device).view(heads, 1, 1, 1, 1)
+    parts, n_windows = [], []
+    for branch, dilation in enumerate(dilations):
+        rows = _window_grid(H, window, dilation, device)
+        cols = _window_grid(W, window, dilation, device)
+        pixel = rows.view(1, window, 1, -1, 1) * W + cols.view(1, 1, window, 1, -1)
+        parts.append(((pixel * n_branches + branch) * heads + head).flatten())
+        n_windows.append(rows.shape[1] * cols.shape[1])
+    return torch.cat(parts), tuple(n_windows)
 
 
-_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_INDEX_CACHE: dict[tuple, tuple[torch.Tensor, tuple[int, ...]]] = {}
 
 
-def _cached_gather_indices(
-    H: int, W: int, heads: int, window: int, dilation: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cached_branch_row_indices(
+    H: int, W: int, heads: int, window: int, dilations: Sequence[int], device: torch.device
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     if torch.compiler.is_compiling():
-        return _gather_indices(H, W, heads, window, dilation, device)
-    key = (H, W, heads, window, dilation, str(device))
+        return _branch_row_indices(H, W, heads, window, dilations, device)
+    key = (H, W, heads, window, tuple(dilations), str(device))
     found = _INDEX_CACHE.get(key)
     if found is None:
         if len(_INDEX_CACHE) > 256:
             _INDEX_CACHE.clear()
         with torch.inference_mode(False):  # cached indices must also serve later autograd passes
-            found = _INDEX_CACHE[key] = _gather_indices(H, W, heads, window, dilation, device)
+            found = _INDEX_CACHE[key] = _branch_row_indices(H, W, heads, window, dilations, device)
     return found
+
+
+def _chunk_mean(tokens: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """``(..., L * c)`` window-major values -> ``(..., c)`` means of ``c`` contiguous chunks of ``L``."""
+    chunks = tokens.unflatten(-1, (-1, n_windows))
+    return chunks.squeeze(-1) if n_windows == 1 else chunks.mean(-1)
+
+
+def pool_window_tokens_branches(
+    feats: torch.Tensor, num_heads: int, window: int, dilations: Sequence[int]
+) -> list[torch.Tensor]:
+    """Pooled window tokens of several window branches at once (fast path).
+
+    Parameters
+    ----------
+    feats:
+        ``(B, H, W, C)`` channels-last features; branch ``i`` owns the ``i``-th of
+        ``len(dilations)`` equal channel blocks, split into ``num_heads`` heads.
+    num_heads, window, dilations:
+        Heads of each branch, window side and each branch's dilation; windows do not overlap.
+
+    Returns
+    -------
+    One ``(B, num_heads, window**2, c)`` tensor per branch (see ``pool_window_tokens``). A
+    single branch that tiles the grid exactly samples a strided view; otherwise one gather of
+    whole ``c``-channel rows serves all branches.
+    """
+    B, H, W, C = feats.shape
+    n_branches = len(dilations)
+    head_dim = C // (n_branches * num_heads)
+    strides = [d * (window - 1) + 1 for d in dilations]
+    if n_branches == 1 and H % strides[0] == 0 and W % strides[0] == 0:
+        stride, dilation = strides[0], dilations[0]
+        n_h, n_w = H // stride, W // stride
+        tokens = feats.view(B, n_h, stride, n_w, stride, num_heads, head_dim)
+        if dilation > 1:
+            tokens = tokens[:, :, ::dilation, :, ::dilation]
+        # B, heads, row in window, col in window, win row, win col, c
+        tokens = tokens.permute(0, 5, 2, 4, 1, 3, 6).reshape(B, num_heads, window * window, -1)
+        return [_chunk_mean(tokens, n_h * n_w)]
+    rows, n_windows = _cached_branch_row_indices(H, W, num_heads, window, dilations, feats.device)
+    gathered = feats.reshape(B, H * W * n_branches * num_heads, head_dim).index_select(1, rows)
+    sizes = [num_heads * window * window * n for n in n_windows]
+    return [
+        _chunk_mean(part.view(B, num_heads, window * window, -1), n)
+        for part, n in zip(gathered.split(sizes, 1), n_windows)
+    ]
 
 
 def pool_window_tokens(feats: torch.Tensor, num_heads: int, window: int, dilation: int) -> torch.Tensor:
@@ -143,23 +201,7 @@ def pool_window_tokens(feats: torch.Tensor, num_heads: int, window: int, dilatio
     ``L`` windows x ``c`` channels values flattened window-major and averaged in ``c``
     contiguous chunks of ``L``.
     """
-    B, H, W, C = feats.shape
-    head_dim = C // num_heads
-    stride = dilation * (window - 1) + 1
-    n_h, n_w = -(-H // stride), -(-W // stride)
-    if H == n_h * stride and W == n_w * stride:
-        # no padding: the sampled pixels are a strided view of the grid
-        tokens = feats.view(B, n_h, stride, n_w, stride, num_heads, head_dim)
-        if dilation > 1:
-            tokens = tokens[:, :, ::dilation, :, ::dilation]
-        # B, heads, row in window, col in window, win row, win col, c
-        tokens = tokens.permute(0, 5, 2, 4, 1, 3, 6)
-    else:
-        rows, cols, heads = _cached_gather_indices(H, W, num_heads, window, dilation, feats.device)
-        # B, heads, row in window, col in window, win row, win col, c
-        tokens = feats.view(B, H, W, num_heads, head_dim)[:, rows, cols, heads]
-    n_windows = n_h * n_w
-    return tokens.reshape(B, num_heads, window * window, head_dim, n_windows).mean(-1)
+    return pool_window_tokens_branches(feats, num_heads, window, [dilation])[0]
 
 
 def _reflect_pad_right_bottom(x: torch.Tensor, pad_right: int, pad_bottom: int) -> torch.Tensor:
@@ -312,6 +354,8 @@ class FactorizationSelfAttention(nn.Module):
         return H, W
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Attention of ``(..., heads, L, c)`` tensors; leading dims beyond four are flattened into the batch."""
+        lead = q.shape[:-3]
         if self.fused_attn:
             p = self.attn_drop.p if self.training else 0.0
             head_dim = q.shape[-1]
@@ -321,8 +365,10 @@ class FactorizationSelfAttention(nn.Module):
                 # flash / memory-efficient kernels need head dims in multiples of 8 (else the fp32 math
                 # fallback materialises the scores); zeros in q, k and v leave q.k and the output unchanged
                 q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+            q, k, v = (t.flatten(0, t.dim() - 4) for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale)
-            return out[..., :head_dim] if pad else out
+            out = out[..., :head_dim] if pad else out
+            return out.unflatten(0, lead) if len(lead) > 1 else out
         attn = (q * scale) @ k.transpose(-2, -1)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return attn @ v
@@ -333,42 +379,76 @@ class FactorizationSelfAttention(nn.Module):
         B, N, C = x.shape
         Cg, heads, c, ws = self.global_dim, self.num_heads, self.head_dim, self.window_size
         n_branches = len(self.window_dims)
-        q = self.q(x)
-        grid = x.view(B, H, W, C)
-        out = x.new_empty(B, N, C, dtype=q.dtype)
+        # split (not sliced) views: their gradients are assembled by one concatenation
+        q_g, q_w = self.q(x).split([Cg, C - Cg], -1)
+        x_g, x_w = x.view(B, H, W, C).split([Cg, C - Cg], -1)
 
         # global branch: one head over the sr-reduced grid
-        reduced = self.global_reduce(grid[..., :Cg].permute(0, 3, 1, 2))
+        reduced = self.global_reduce(x_g.permute(0, 3, 1, 2))
         Hg, Wg = reduced.shape[-2:]
         kv_g = self.global_kv(self.global_norm(reduced.flatten(2).transpose(1, 2)))
-        k_g, v_g = kv_g[..., :Cg], kv_g[..., Cg:]
-        v_g = v_g + self.global_v_conv(v_g.transpose(1, 2).reshape(B, Cg, Hg, Wg)).flatten(2).transpose(1, 2)
-        o_g = self._attend(q[..., :Cg].unsqueeze(1), k_g.unsqueeze(1), v_g.unsqueeze(1), Cg**-0.5)
-        out[..., :Cg] = o_g.squeeze(1)
+        k_g, v_g = kv_g.unflatten(-1, (2, Cg)).unbind(-2)
+        v_img = v_g.transpose(1, 2).unflatten(-1, (Hg, Wg))
+        v_g = v_g + self.global_v_conv(v_img).flatten(2).transpose(1, 2)
+        o_g = self._attend(q_g.unsqueeze(1), k_g.unsqueeze(1), v_g.unsqueeze(1), Cg**-0.5).squeeze(1)
 
         # window branches: shared depthwise + pointwise convolution, pooled window keys
-        feats = self.window_dwconv(grid[..., Cg:].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        feats = self.window_dwconv(x_w.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         feats = F.linear(feats, self.window_pwconv.weight.flatten(1), self.window_pwconv.bias)
-        keys, values = [], []
-        start = 0
-        for i, (dim_i, dilation) in enumerate(zip(self.window_dims, self.dilations)):
-            pooled = pool_window_tokens(feats[..., start : start + dim_i], heads, ws, dilation)
-            start += dim_i
-            kv = self.window_kv[i](self.window_fc[i](pooled))  # B, heads, ws**2, 2c
-            k, v = kv[..., :c], kv[..., c:]
-            v_img = v.transpose(2, 3).reshape(B, dim_i, ws, ws)
-            v = v + self.window_v_conv[i](v_img).view(B, heads, c, ws * ws).transpose(2, 3)
-            keys.append(k)
-            values.append(v)
-        # one call for all branches: head (h, branch) of q is channel block h * n_branches + branch
-        k = torch.stack(keys, 2).flatten(1, 2)
-        v = torch.stack(values, 2).flatten(1, 2)
-        q_w = q[..., Cg:].unflatten(-1, (heads * n_branches, c)).transpose(1, 2)
-        o_w = self._attend(q_w, k, v, c**-0.5)  # B, heads * branches, N, c
-        out[..., Cg:].view(B, N, n_branches, heads, c).copy_(
-            o_w.view(B, heads, n_branches, N, c).permute(0, 3, 2, 1, 4)
+        pooled = pool_window_tokens_branches(feats, heads, ws, self.dilations)
+        if n_branches == 1:
+            k, v = self._window_keys_one_branch(pooled[0])
+            q_w = q_w.unflatten(-1, (heads, c)).transpose(1, 2)
+        else:
+            k, v = self._window_keys_batched(torch.stack(pooled))
+            # one attention call, the branches stacked on the batch: (branch, B, heads, N, c)
+            q_w = q_w.unflatten(-1, (heads, n_branches, c)).permute(3, 0, 2, 1, 4)
+        o_w = self._attend(q_w, k, v, c**-0.5)  # (branches,) B, heads, N, c
+        o_w = o_w.view(n_branches, B, heads, N, c).permute(1, 3, 0, 2, 4).reshape(B, N, C - Cg)
+        return self.proj_drop(self.proj(torch.cat([o_g, o_w], -1)))
+
+    def _window_keys_one_branch(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B, heads, ws**2, c)`` of a single window branch from its pooled tokens."""
+        B, heads, P, c = pooled.shape
+        ws = self.window_size
+        if pooled.transpose(1, 2).is_contiguous():  # linear layers on the contiguous layout: no copy
+            kv = self.window_kv[0](self.window_fc[0](pooled.transpose(1, 2))).transpose(1, 2)
+        else:
+            kv = self.window_kv[0](self.window_fc[0](pooled))
+        k, v = kv.unflatten(-1, (2, c)).unbind(-2)
+        v_img = v.transpose(2, 3).reshape(B, heads * c, ws, ws)
+        v = v + self.window_v_conv[0](v_img).view(B, heads, c, P).transpose(2, 3)
+        return k, v
+
+    def _window_keys_batched(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(branches, B, heads, ws**2, c)`` of all window branches in batched calls.
+
+        The branches' ``fc``/``kv`` weights are stacked for two batched matrix products and their
+        value convolutions concatenated into one depthwise convolution (the parameters stay per
+        branch; the stacks are rebuilt on every call).
+        """
+        n_branches, B, heads, P, c = pooled.shape
+        ws = self.window_size
+        tokens = pooled.view(n_branches, B * heads * P, c)
+        for layers in (self.window_fc, self.window_kv):
+            weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
+            if layers[0].bias is None:
+                tokens = torch.bmm(tokens, weight)
+            else:
+                bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
+                tokens = torch.baddbmm(bias, tokens, weight)
+        k, v = tokens.view(n_branches, B, heads, P, 2, c).unbind(-2)
+        # depthwise convolution of every (branch, head, channel) over the window grid
+        v_img = v.permute(1, 0, 2, 4, 3).reshape(B, n_branches * heads * c, ws, ws)
+        v_conv = F.conv2d(
+            v_img,
+            torch.cat([conv.weight for conv in self.window_v_conv]),
+            torch.cat([conv.bias for conv in self.window_v_conv]),
+            padding=1,
+            groups=n_branches * heads * c,
         )
-        return self.proj_drop(self.proj(out))
+        v = v + v_conv.view(B, n_branches, heads, c, P).permute(1, 0, 2, 4, 3)
+        return k, v
 
     def forward_reference(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
         """Plain path in the official order of operations (reshape, unfold, pool, explicit softmax)."""
