@@ -18,9 +18,10 @@ from zoo.layers.fasa import FactorizationSelfAttention
 # operations that only create views or allocate without running a kernel
 NO_KERNEL = {"detach", "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "lift_fresh"}
 
-# counts of the current fast path (before the branches were batched: 1,537 and 114)
-MAX_FAVIT_B0_OPS = 1233
-MAX_FASA_LAYER_OPS = 86
+# counts of the current fast path on torch 2.14 (1,233 and 86; before the branches were batched:
+# 1,537 and 114), with 5% room for other torch versions' decompositions
+MAX_FAVIT_B0_OPS = round(1233 * 1.05)
+MAX_FASA_LAYER_OPS = round(86 * 1.05)
 
 
 class KernelOpCounter(TorchDispatchMode):
