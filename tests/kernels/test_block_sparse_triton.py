@@ -5,9 +5,7 @@ read when kernels are built, and this process may already have built them compil
 (marker ``gpu``) they run compiled, at tiny and at realistic sizes.
 """
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from zoo.kernels import BlockSparseMask, block_sparse_attention, dense_attention_reference
 
 from .attention_cases import OPTION_MATRIX, Case, make_case, rel_error
+from .interpreter import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -36,25 +35,7 @@ def _expected_checks() -> list[str]:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "interpret_checks.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            results[row["name"]] = row
-    if not results:
-        pytest.fail(f"interpreter run gave no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return results
+    return run_interpreted(os.path.join(HERE, "interpret_checks.py"))
 
 
 @pytest.mark.parametrize("check", _expected_checks())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -92,26 +91,9 @@ def main() -> None:
 # ------------------------------------------------------------------------------------ tests
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    pytest.importorskip("triton")
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    )
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    rows = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            rows[row.pop("name")] = row
-    if not rows:
-        pytest.fail(f"interpreter run gave no results (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return rows
+    from .interpreter import run_interpreted  # here: this file also runs as the interpreter's script
+
+    return run_interpreted(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("name", list(CASES))
