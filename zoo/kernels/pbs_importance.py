@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zoo.kernels.checks import check_grouped_query_key
+
 __all__ = ["key_importance", "key_importance_reference", "key_importance_triton"]
 
 try:  # Triton is optional on machines without it; the reference stays available
@@ -50,18 +52,7 @@ _LOG2E = 1.4426950408889634
 
 
 def _check_inputs(q: Tensor, k: Tensor, last: int) -> None:
-    if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point():
-        got = f"{q.dtype} {tuple(q.shape)}" if isinstance(q, Tensor) else type(q).__name__
-        raise ValueError(f"q: expected a float tensor [B, H, N, D], got {got}")
-    if not isinstance(k, Tensor) or k.dim() != 4 or not k.is_floating_point():
-        got = f"{k.dtype} {tuple(k.shape)}" if isinstance(k, Tensor) else type(k).__name__
-        raise ValueError(f"k: expected a float tensor [B, Hkv, M, D], got {got}")
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(
-            f"k: expected batch {q.shape[0]} and head dim {q.shape[3]} like q, got shape {tuple(k.shape)}"
-        )
-    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"k: expected a number of heads dividing q's {q.shape[1]}, got {k.shape[1]}")
+    check_grouped_query_key(q, k)
     if q.shape[2] < 1 or q.shape[2] > k.shape[2]:
         raise ValueError(f"q: expected 1 <= N <= M={k.shape[2]} queries, got N={q.shape[2]}")
     if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= q.shape[2]:
