@@ -42,14 +42,6 @@ class KernelOpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count_forward_backward(model: torch.nn.Module, *inputs) -> KernelOpCounter:
     for module in model.modules():
         if isinstance(module, FactorizationSelfAttention):
