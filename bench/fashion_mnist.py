@@ -71,6 +71,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--sequential", action="store_true", help="train one model after the other")
     p.add_argument("--resume-from", default=None, help="folder holding <model>_resume/ folders to continue")
     p.add_argument(
+        "--torchcompile",
+        choices=("model", "blocks"),
+        default=None,
+        help="part of the recipe for every model: torch.compile the model or each repeated block",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="a few CPU steps on a few images (checks the plumbing)"
     )
     return p.parse_args(argv)
@@ -86,6 +92,8 @@ def train_command(
         cmd += ["--data-dir", args.data_dir]
     cmd += ["--out", str(run_dir), "-j", str(workers), "--eval-every", str(args.eval_every)]
     cmd += ["--log-interval", "100"]
+    if args.torchcompile:
+        cmd += ["--torchcompile", args.torchcompile]
     if args.smoke:
         cmd += ["--epochs", "1", "--max-steps", "2", "--num-samples", "32", "--num-val-samples", "32"]
         cmd += ["-b", "8", "--device", "cpu", "--log-interval", "1"]
@@ -230,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         command="python bench/fashion_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         budget_minutes_per_model=args.budget_minutes,
         parallel=not args.sequential,
-        recipe=" ".join(RECIPE),
+        recipe=" ".join(RECIPE + (["--torchcompile", args.torchcompile] if args.torchcompile else [])),
         rows=rows,
         wall_s=round(time.perf_counter() - started, 1),
     )

@@ -10,7 +10,11 @@ Measured per model (bf16 autocast, channels-last, random data, 224 px by default
 - training img/s at batch 128 (forward, cross-entropy, backward, AdamW step);
 - parameters (M) and GMACs per image (``torch.utils.flop_counter``: matmuls, convolutions,
   attention; MAC = FLOP / 2);
-- optionally the same with ``torch.compile`` for the models named by ``--compile``.
+- optionally the same in other execution modes, each for the models it names:
+  ``--compile`` (``torch.compile`` of the whole model), ``--compile-blocks`` (each repeated
+  block compiled, ``zoo.vision.compile.compile_blocks``) and ``--cuda-graph`` (inference and
+  the whole training step, AdamW included, captured once in a CUDA graph and replayed: no
+  kernel-launch cost, the GPU time alone).
 With ``--official``, the official FaViT-B2 is loaded with the same random weights as ours
 and the relative error of the logits (fp32) is recorded.
 
@@ -54,6 +58,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--official-variants", nargs="+", default=["favit_b2"], help="official variants to time")
     p.add_argument("--official-checkpoint", default="", help="official weights for the equivalence check")
     p.add_argument("--compile", nargs="*", default=[], help="models also timed with torch.compile")
+    p.add_argument("--compile-blocks", nargs="*", default=[], help="models also timed block-compiled")
+    p.add_argument("--cuda-graph", nargs="*", default=[], help="models also timed as CUDA graphs")
     p.add_argument("--name", default="vision", help="results file name: OUT/NAME.json")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--infer-batch", type=int, default=256)
@@ -69,6 +75,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", nargs="*", default=["favit_b2"], help="models whose inference kernels are profiled"
     )
+    p.add_argument("--profile-train", action="store_true", help="profile their training steps too")
     return p.parse_args(argv)
 
 
@@ -132,24 +139,54 @@ def build(name: str, official_module=None) -> torch.nn.Module:
     return timm.create_model(name)
 
 
+MODES = ("eager", "compiled", "blocks", "graph")
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], None]:
+    """Run ``fn`` a few times on a side stream, capture one call in a CUDA graph, return its replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(
     name: str,
     model: torch.nn.Module,
     args: argparse.Namespace,
     device: torch.device,
-    compiled: bool,
+    mode: str = "eager",
 ) -> dict[str, Any]:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "graph" and device.type != "cuda":
+        raise ValueError(f"mode: 'graph' needs a CUDA device, got {device}")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
     model = model.to(device).to(memory_format=memory_format)
-    row: dict[str, Any] = dict(model=name, compiled=compiled)
+    row: dict[str, Any] = dict(model=name, mode=mode, compiled=mode in ("compiled", "blocks"))
     row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    if not compiled:
+    if mode == "eager":
         model.eval()
         row["gmacs"] = count_gmacs(model, args.img_size, device)
         row["gmacs"] = None if row["gmacs"] is None else round(row["gmacs"], 3)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    run_model = torch.compile(model) if compiled else model
+    # autocast's weight-cast cache cannot live across CUDA graph replays
+    autocast = torch.autocast(
+        device.type, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=mode != "graph"
+    )
+    run_model = model
+    if mode == "compiled":
+        run_model = torch.compile(model)
+    elif mode == "blocks":
+        from zoo.vision.compile import compile_blocks
+
+        compile_blocks(model)
 
     # inference
     x = torch.randn(args.infer_batch, 3, args.img_size, args.img_size, device=device)
@@ -161,18 +198,27 @@ def measure(
         with torch.inference_mode(), autocast:
             run_model(x)
 
-    infer()  # compiles here when compiled
+    infer_call = infer
+    if mode == "graph":
+
+        def infer_no_grad() -> None:
+            with torch.no_grad(), autocast:
+                run_model(x)
+
+        infer_call = capture_graph(infer_no_grad, device)
+    else:
+        infer()  # compiles here when compiled
     sync(device)
     row["infer_first_call_s"] = round(time.perf_counter() - start, 2)
-    seconds = timed(infer, args.warmup, args.iters, device)
+    seconds = timed(infer_call, args.warmup, args.iters, device)
     row["infer_img_s"] = round(args.infer_batch / seconds, 1)
 
     # training
     model.train()
-    if compiled:
+    if mode == "compiled":
         torch._dynamo.reset()
         run_model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, capturable=mode == "graph")
     x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=memory_format)
     target = torch.randint(0, 1000, (args.train_batch,), device=device)
@@ -181,46 +227,71 @@ def measure(
     def step() -> None:
         with autocast:
             loss = loss_fn(run_model(x), target)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=mode != "graph")
         loss.backward()
         opt.step()
 
     start = time.perf_counter()
-    step()
+    step_call = step
+    if mode == "graph":
+        step_call = capture_graph(step, device)
+    step_call()
     sync(device)
     row["train_first_call_s"] = round(time.perf_counter() - start, 2)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed(step, args.warmup, args.iters, device)
+    seconds = timed(step_call, args.warmup, args.iters, device)
     row["train_img_s"] = round(args.train_batch / seconds, 1)
     if device.type == "cuda":
         row["train_peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return row
 
 
-def profile_inference(
-    name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device
+def profile_model(
+    name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device, train: bool = False
 ) -> str:
-    """The top kernels of a few inference batches (eager), as a table."""
+    """The top kernels and the top operators (by device time) of a few eager batches, as tables."""
     from torch.profiler import ProfilerActivity, profile
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     memory_format = torch.contiguous_format if args.no_channels_last else torch.channels_last
-    model = model.to(device).to(memory_format=memory_format).eval()
-    x = torch.randn(args.infer_batch, 3, args.img_size, args.img_size, device=device)
+    model = model.to(device).to(memory_format=memory_format).train(train)
+    batch = args.train_batch if train else args.infer_batch
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=memory_format)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        for _ in range(3):
-            model(x)
-        sync(device)
-        with profile(activities=activities) as prof:
-            for _ in range(3):
+    target = torch.randint(0, 1000, (batch,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if train else None
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run() -> None:
+        if opt is None:
+            with torch.inference_mode(), autocast:
                 model(x)
-            sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return f"{name}: 3 inference batches of {args.infer_batch}\n" + prof.key_averages().table(
-        sort_by=key, row_limit=30
+            return
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(3):
+        run()
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            run()
+        sync(device)
+    events = prof.key_averages()
+    what = f"{name}: 3 {'training steps' if train else 'inference batches'} of {batch}"
+    if device.type != "cuda":
+        return what + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=30)
+    kernels = sum(e.count for e in events if e.device_type.name == "CUDA") if events else 0
+    return (
+        f"{what}; {kernels / 3:.0f} kernels per call\n"
+        + events.table(sort_by="self_cuda_time_total", row_limit=30)
+        + "\noperators by total device time\n"
+        + events.table(sort_by="cuda_time_total", row_limit=40)
     )
 
 
@@ -275,21 +346,21 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for compiled in (False, True):
-        ref = next((r for r in rows if r["model"] == REFERENCE_PEER and r["compiled"] == compiled), None)
-        if ref is None:
+    for mode in MODES:
+        ref = next((r for r in rows if r["model"] == REFERENCE_PEER and r.get("mode") == mode), None)
+        if ref is None or "infer_img_s" not in ref:
             continue
         for r in rows:
-            if r["compiled"] != compiled or "infer_img_s" not in r:
+            if r.get("mode") != mode or "infer_img_s" not in r:
                 continue
-            key = r["model"] + (" (compiled)" if compiled else "")
+            key = r["model"] + ("" if mode == "eager" else f" ({mode})")
             out[key] = dict(
                 infer_vs_swin_t=round(r["infer_img_s"] / ref["infer_img_s"], 3),
                 train_vs_swin_t=round(r["train_img_s"] / ref["train_img_s"], 3),
             )
-    official = next((r for r in rows if r["model"] == "official:favit_b2" and not r["compiled"]), None)
-    ours = next((r for r in rows if r["model"] == "favit_b2" and not r["compiled"]), None)
-    if official and ours and "infer_img_s" in official:
+    official = next((r for r in rows if r["model"] == "official:favit_b2" and r.get("mode") == "eager"), None)
+    ours = next((r for r in rows if r["model"] == "favit_b2" and r.get("mode") == "eager"), None)
+    if official and ours and "infer_img_s" in official and "infer_img_s" in ours:
         out["favit_b2 vs official"] = dict(
             infer=round(ours["infer_img_s"] / official["infer_img_s"], 2),
             train=round(ours["train_img_s"] / official["train_img_s"], 2),
@@ -303,7 +374,7 @@ def print_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        name = r["model"] + (" [compiled]" if r["compiled"] else "")
+        name = r["model"] + ("" if r.get("mode", "eager") == "eager" else f" [{r['mode']}]")
         if "error" in r:
             print(f"{name:<34}  error: {r['error'][:80]}")
             continue
@@ -337,10 +408,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows=[],
     )
     official_module = load_official_module(args.official) if args.official else None
-    plan = [(m, False) for m in args.models]
+    plan = [(m, "eager") for m in args.models]
     if official_module is not None:
-        plan += [(f"official:{v}", False) for v in args.official_variants]
-    plan += [(m, True) for m in (args.compile or []) if m in args.models]
+        plan += [(f"official:{v}", "eager") for v in args.official_variants]
+    plan += [(m, "graph") for m in (args.cuda_graph or [])]
+    plan += [(m, "blocks") for m in (args.compile_blocks or [])]
+    plan += [(m, "compiled") for m in (args.compile or [])]
 
     def save() -> None:
         result["ratios"] = ratios(result["rows"])
@@ -356,27 +429,30 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def run_profiles() -> None:
         for name in args.profile or []:
-            try:
-                table = profile_inference(name, build(name, official_module), args, device)
-                (out_dir / f"vision_profile_{name.replace(':', '_')}.txt").write_text(table)
-                print(table)
-            except Exception as err:
-                print(f"profile of {name} failed: {err}")
+            for train in (False, True) if args.profile_train else (False,):
+                try:
+                    table = profile_model(name, build(name, official_module), args, device, train)
+                    suffix = "_train" if train else ""
+                    (out_dir / f"vision_profile_{name.replace(':', '_')}{suffix}.txt").write_text(table)
+                    print(table)
+                except Exception as err:
+                    print(f"profile of {name} failed: {err}")
 
     profiled = False
-    for name, compiled in plan:
-        if compiled and not profiled:  # eager profiles before the (slow to compile) compiled runs
+    for name, mode in plan:
+        compiled = mode in ("compiled", "blocks")
+        if mode != "eager" and not profiled:  # eager profiles before the other modes
             run_profiles()
             profiled = True
         if compiled and time.perf_counter() - started > args.time_limit * 60:
-            result["rows"].append(dict(model=name, compiled=True, error="skipped: time limit"))
+            result["rows"].append(dict(model=name, mode=mode, compiled=True, error="skipped: time limit"))
             continue
         torch.manual_seed(0)
         try:
             model = build(name, official_module)
-            row = measure(name, model, args, device, compiled)
+            row = measure(name, model, args, device, mode)
         except Exception as err:
-            row = dict(model=name, compiled=compiled, error=f"{type(err).__name__}: {err}")
+            row = dict(model=name, mode=mode, compiled=compiled, error=f"{type(err).__name__}: {err}")
         finally:
             model = None
             if device.type == "cuda":

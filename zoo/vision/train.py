@@ -40,6 +40,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from zoo.progress import get_logger, progress
+from zoo.vision.compile import compile_blocks
 
 __all__ = ["add_train_arguments", "main", "train"]
 
@@ -105,7 +106,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--grad-checkpointing", action="store_true", help="recompute activations in the backward pass"
     )
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    g.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--torchcompile",
+        nargs="?",
+        const="model",
+        default=None,
+        choices=("model", "blocks"),
+        help="torch.compile the whole model, or (blocks) each repeated block (faster to compile)",
+    )
 
     g = parser.add_argument_group("preprocessing (default: the dataset's, else the model's)")
     g.add_argument("--img-size", type=int, default=None, help="image side")
@@ -588,8 +596,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     start_updates = num_updates
 
     train_model: torch.nn.Module = model
-    if args.torchcompile:
+    if args.torchcompile == "model":
         train_model = torch.compile(model)
+    elif args.torchcompile == "blocks":
+        compile_blocks(model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
