@@ -20,6 +20,10 @@ _EXPORTS = {
     "key_importance": "pbs_importance",
     "key_importance_reference": "pbs_importance",
     "key_importance_triton": "pbs_importance",
+    # cumulative-threshold block selection (XAttention, PBS-Attn)
+    "threshold_select": "threshold_select",
+    "threshold_select_reference": "threshold_select",
+    "threshold_select_triton": "threshold_select",
     # PoNet's pooling mixing step (forward + backward)
     "ponet_pool_mixing": "ponet_pool",
     "ponet_pool_mixing_packed": "ponet_pool",

@@ -25,7 +25,9 @@ Algorithm (per batch row and key/value head):
 Step 1 never holds the ``[group * block, M]`` logits: on CUDA it runs as two Triton kernels
 (row log-sum-exp over the keys, then per-key sums of probabilities;
 :mod:`zoo.kernels.pbs_importance`), elsewhere as the same two passes over key chunks in PyTorch.
-Steps 3-4 are sync-free: one sort per row for the threshold, kept lists by a running count.
+Steps 3-4 are sync-free: the threshold selection is one Triton program per row on CUDA
+(bisection over the fp32 bit patterns, :mod:`zoo.kernels.threshold_select`), elsewhere one sort
+per row; kept lists by a running count.
 
 Sequences no longer than one segment fall back to dense attention. Beyond the upstream code:
 grouped-query attention (one permutation per key head), gradients (the attention kernel's
@@ -38,6 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from zoo.kernels.pbs_importance import key_importance
+from zoo.kernels.threshold_select import kept_lists as _kept_lists
+from zoo.kernels.threshold_select import threshold_select
 from zoo.layers.xattention import check_attention_inputs
 
 __all__ = ["PBSAttention"]
@@ -50,34 +54,6 @@ def _ceil_div(a: int, b: int) -> int:
 def _acc(t: Tensor) -> Tensor:
     """fp32 accumulation (fp64 for fp64 inputs)."""
     return t.double() if t.dtype == torch.float64 else t.float()
-
-
-def _kept_lists(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """bool ``[..., Kb]`` -> (int32 counts, int32 ascending ids ``[..., Kb]``, padded with ``Kb``).
-
-    No sort and no host sync: a running count gives each kept block its slot; unkept blocks are
-    written to a spare column that is cut off.
-    """
-    num_k_blocks = keep.shape[-1]
-    slot = torch.cumsum(keep, dim=-1, dtype=torch.int32)
-    counts = slot[..., -1].clone()
-    target = slot.sub_(1).masked_fill_(~keep, num_k_blocks).long()
-    ids = torch.arange(num_k_blocks, device=keep.device, dtype=torch.int32).expand_as(keep)
-    listed = torch.full(
-        (*keep.shape[:-1], num_k_blocks + 1), num_k_blocks, dtype=torch.int32, device=keep.device
-    )
-    listed.scatter_(-1, target, ids)
-    return counts, listed[..., :num_k_blocks].contiguous()
-
-
-def _select_by_threshold(scores: Tensor, threshold: float) -> Tensor:
-    """Fewest positive blocks, best first (ties: lower id first), whose scores reach ``threshold``
-    of the row sum. Blocks that may not be selected must carry a score of exactly 0."""
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    row_sum = sorted_scores.sum(dim=-1, keepdim=True)
-    before = torch.cumsum(sorted_scores, dim=-1).sub_(sorted_scores)
-    keep_sorted = (before < threshold * row_sum) & (sorted_scores > 0)
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 class PBSAttention(nn.Module):
@@ -252,16 +228,24 @@ class PBSAttention(nn.Module):
         allowed, forced = self.block_structure(n, m, key_perm, causal)  # [B, Hkv, Qb, Kb]
         allowed, forced = allowed[:, :, None], forced[:, :, None]  # broadcast over the head group
         if self.threshold >= 1.0:
-            keep = allowed | forced
+            counts, indices = _kept_lists(
+                (allowed | forced).expand(-1, -1, group, -1, -1).reshape(batch, heads, num_q_blocks, -1)
+            )
         else:  # softmax over the allowed blocks; rows with none give NaN, then 0
             logits = self.block_scores(q, k, key_perm)
             logits = logits.view(batch, kv_heads, group, num_q_blocks, num_k_blocks)
             scores = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
             scores = scores.masked_fill_(~allowed.any(-1, keepdim=True), 0.0)
-            keep = _select_by_threshold(scores, self.threshold) | forced
-        counts, indices = _kept_lists(
-            keep.expand(-1, -1, group, -1, -1).reshape(batch, heads, num_q_blocks, num_k_blocks)
-        )
+            counts, indices = threshold_select(
+                scores,
+                allowed,
+                forced,
+                self.threshold,
+                rule="pbs",
+                backend="torch" if self.backend == "torch" else "auto",
+            )
+            counts = counts.view(batch, heads, num_q_blocks)
+            indices = indices.view(batch, heads, num_q_blocks, num_k_blocks)
         return BlockSparseMask(bs, bs, n, m, counts, indices, key_perm=key_perm)
 
     def forward(

@@ -13,8 +13,9 @@ Algorithm:
 2. Keep, per query block, the fewest key blocks whose scores reach a fraction ``tau`` of the
    row (``threshold``, 0.9 by default; a tensor ``[H]`` gives one tau per head). The first key
    block and the diagonal block are always kept; a head with ``tau >= 1`` keeps every reachable
-   block. On the device: one fp32 sort per row, a cumulative sum, a compare and an integer sort
-   into the index lists, with no host synchronisation (:meth:`XAttention.select`).
+   block. On the device, with no host synchronisation (:meth:`XAttention.select`,
+   :mod:`zoo.kernels.threshold_select`): on CUDA one Triton program per row finds the cut by
+   bisection over the fp32 bit patterns; elsewhere one sort per row and a cumulative sum.
 3. Run block-sparse attention on the kept blocks (:func:`zoo.kernels.block_sparse_attention`).
 
 Beyond the upstream code: batch > 1, grouped-query attention without repeated K/V, block sizes
@@ -155,13 +156,14 @@ class XAttention(nn.Module):
         Per row: forced blocks (with ``causal``: the first key block and the diagonal blocks)
         rank first, then the others by score, descending (ties by block id); keep the fewest
         leading blocks whose scores reach ``tau`` times the row's total over the reachable
-        blocks (at least one); ``tau >= 1`` keeps every reachable block. One fp32 sort, a
-        cumulative sum and a compare pick the blocks; a second (integer) sort lists them in
-        ascending order. No Python loop over rows and no host synchronisation: the index lists
-        are ``Kb`` wide, ``kv_num_blocks`` says how many entries are valid.
+        blocks (at least one); ``tau >= 1`` keeps every reachable block. Runs
+        :func:`~zoo.kernels.threshold_select.threshold_select` (rule ``"xattention"``; Triton on
+        CUDA unless ``backend="torch"``). No Python loop over rows and no host synchronisation:
+        the index lists are ``Kb`` wide, ``kv_num_blocks`` says how many entries are valid.
         """
         from zoo.kernels import BlockSparseMask
         from zoo.kernels.block_mask import _diagonal_blocks, causal_reachable_blocks
+        from zoo.kernels.threshold_select import threshold_select
 
         batch, heads, num_q_blocks, num_k_blocks = scores.shape
         bs = self.block_size
@@ -174,21 +176,18 @@ class XAttention(nn.Module):
         else:
             allowed = torch.ones(num_q_blocks, num_k_blocks, dtype=torch.bool, device=device)
             forced = torch.zeros_like(allowed)
-        tau = self._threshold_on(device, heads)
-        masked = torch.where(allowed, scores, 0.0)
-        # forced first (+inf), unreachable last (-1 < any score)
-        priority = torch.where(forced, float("inf"), torch.where(allowed, masked, -1.0))
-        sorted_priority, order = torch.sort(priority, dim=-1, descending=True, stable=True)
-        sorted_scores = torch.gather(masked, -1, order)
-        before = torch.cumsum(sorted_scores, dim=-1) - sorted_scores  # mass ranked before each block
-        row_sum = sorted_scores.sum(-1, keepdim=True)
-        position = torch.arange(num_k_blocks, device=device)
-        num_forced = forced.sum(-1, dtype=torch.int64)[:, None]
-        keep_sorted = (before < tau * row_sum) | (position <= num_forced.clamp_min(1) - 1) | (tau >= 1.0)
-        keep_sorted = keep_sorted & (sorted_priority >= 0)
-        counts = keep_sorted.sum(-1, dtype=torch.int32)
-        indices = torch.sort(torch.where(keep_sorted, order, num_k_blocks), dim=-1).values
-        return BlockSparseMask(bs, bs, q_len, kv_len, counts, indices.to(torch.int32))
+        tau = self.threshold
+        if isinstance(tau, Tensor):
+            tau = self._threshold_on(device, heads).view(1, heads, 1)
+        counts, indices = threshold_select(
+            scores,
+            allowed,
+            forced,
+            tau,
+            rule="xattention",
+            backend="torch" if self.backend == "torch" else "auto",
+        )
+        return BlockSparseMask(bs, bs, q_len, kv_len, counts, indices)
 
     def estimate(self, q: Tensor, k: Tensor, causal: bool = True):
         """The kept blocks as a :class:`~zoo.kernels.BlockSparseMask` (``[B, H, Qb, Kb]`` lists)."""
