@@ -32,8 +32,7 @@ Two paths compute the same function:
 - ``forward``: the fast path, written to launch few kernels (eager training is bound by kernel
   launches). Window pooling is one strided view (a single exactly tiling branch) or one gather
   of whole head rows for all branches, then one mean per branch, with no unfold copies; the
-  branches' ``fc``/``kv`` layers run as two batched matrix products over per-call stacks of
-  their weights, their value convolutions as one depthwise convolution, and their attention
+  branches' value convolutions run as one depthwise convolution, and their attention
   as one ``scaled_dot_product_attention`` call; splits replace slices (one concatenation in
   the backward) and the output is assembled by one concatenation. Tokens stay channels-last;
   no Python-side state, so it compiles with ``torch.compile``.
@@ -230,6 +229,30 @@ def pool_window_tokens_reference(
     return F.adaptive_avg_pool2d(cols, (window * window, head_dim))
 
 
+class _PointwiseWeightMatrix(torch.autograd.Function):
+    """A 1x1 convolution weight ``[O, I, 1, 1]`` as an ``[O, I]`` matrix whose gradient keeps the weight's strides.
+
+    In channels-last format the weight's size-1 dimensions carry strides that a plain view's
+    gradient (contiguous) does not; optimizers' multi-tensor (foreach) kernels compare strides
+    and fall back to one kernel per parameter and operation for the whole model when any
+    gradient's differ from its parameter's.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight_shape, ctx.weight_stride = weight.shape, weight.stride()
+        return weight.view(weight.shape[0], weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().view(ctx.weight_shape)
+        if ctx.weight_stride[:2] == grad.stride()[:2]:  # same memory order: only size-1 strides differ
+            return grad.as_strided(ctx.weight_shape, ctx.weight_stride)
+        return torch.empty_strided(
+            ctx.weight_shape, ctx.weight_stride, dtype=grad.dtype, device=grad.device
+        ).copy_(grad)
+
+
 def _conv_init_(conv: nn.Conv2d) -> None:
     fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels // conv.groups
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
@@ -394,13 +417,14 @@ class FactorizationSelfAttention(nn.Module):
 
         # window branches: shared depthwise + pointwise convolution, pooled window keys
         feats = self.window_dwconv(x_w.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        feats = F.linear(feats, self.window_pwconv.weight.flatten(1), self.window_pwconv.bias)
+        pointwise = _PointwiseWeightMatrix.apply(self.window_pwconv.weight)
+        feats = F.linear(feats, pointwise, self.window_pwconv.bias)
         pooled = pool_window_tokens_branches(feats, heads, ws, self.dilations)
         if n_branches == 1:
             k, v = self._window_keys_one_branch(pooled[0])
             q_w = q_w.unflatten(-1, (heads, c)).transpose(1, 2)
         else:
-            k, v = self._window_keys_batched(torch.stack(pooled))
+            k, v = self._window_keys_batched(pooled)
             # one attention call, the branches stacked on the batch: (branch, B, heads, N, c)
             q_w = q_w.unflatten(-1, (heads, n_branches, c)).permute(3, 0, 2, 1, 4)
         o_w = self._attend(q_w, k, v, c**-0.5)  # (branches,) B, heads, N, c
@@ -420,23 +444,17 @@ class FactorizationSelfAttention(nn.Module):
         v = v + self.window_v_conv[0](v_img).view(B, heads, c, P).transpose(2, 3)
         return k, v
 
-    def _window_keys_batched(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(branches, B, heads, ws**2, c)`` of all window branches in batched calls.
+    def _window_keys_batched(self, pooled: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(branches, B, heads, ws**2, c)`` of all window branches from their pooled tokens.
 
-        The branches' ``fc``/``kv`` weights are stacked for two batched matrix products and their
-        value convolutions concatenated into one depthwise convolution (the parameters stay per
-        branch; the stacks are rebuilt on every call).
+        Each branch's ``fc``/``kv`` layers run as plain matrix products (a batched product over the
+        branches would be one launch fewer, but its weight gradient, a reduction over all pooled
+        tokens into a ``c x c`` matrix, gets no split-K kernel and costs several times more); the
+        value convolutions of all branches run as one depthwise convolution.
         """
-        n_branches, B, heads, P, c = pooled.shape
+        n_branches, (B, heads, P, c) = len(pooled), pooled[0].shape
         ws = self.window_size
-        tokens = pooled.view(n_branches, B * heads * P, c)
-        for layers in (self.window_fc, self.window_kv):
-            weight = torch.stack([layer.weight for layer in layers]).transpose(1, 2)
-            if layers[0].bias is None:
-                tokens = torch.bmm(tokens, weight)
-            else:
-                bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
-                tokens = torch.baddbmm(bias, tokens, weight)
+        tokens = torch.stack([kv(fc(t)) for t, fc, kv in zip(pooled, self.window_fc, self.window_kv)])
         k, v = tokens.view(n_branches, B, heads, P, 2, c).unbind(-2)
         # depthwise convolution of every (branch, head, channel) over the window grid
         v_img = v.permute(1, 0, 2, 4, 3).reshape(B, n_branches * heads * c, ws, ws)
