@@ -141,9 +141,102 @@ def _ties() -> dict:
     }
 
 
+# GPU kernels that only allocate or re-view memory; everything else is a launch
+_NOT_LAUNCHES = {
+    "empty", "empty_strided", "new_empty", "empty_like", "view", "_unsafe_view", "split",
+    "split_with_sizes", "slice", "select", "unbind", "detach", "alias", "as_strided", "t",
+    "transpose", "expand", "unsqueeze", "squeeze", "permute", "reshape",
+}  # fmt: skip
+_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "tolist"}
+
+
+def _launch_counts() -> dict:
+    """Triton launches, other ATen ops and host synchronisations of one forward + backward."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import zoo.kernels.ponet_pool as pool
+    from zoo.layers.ponet import PoNetMixer
+
+    launches, aten, inside = Counter(), Counter(), [False]
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launches[self.name] += 1
+                inside[0] = True  # the interpreter's own tensor traffic is not counted
+                try:
+                    return launch(*args, **kwargs)
+                finally:
+                    inside[0] = False
+
+            return run
+
+    class CountOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0]:
+                aten[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    originals = {n: getattr(pool, n) for n in dir(pool) if n.startswith("_") and n.endswith("_kernel")}
+    host_reads = {n: getattr(torch.Tensor, n) for n in ("item", "tolist")}
+
+    def counted_read(name):
+        def read(self, *args, **kwargs):
+            aten[name] += 1
+            return host_reads[name](self, *args, **kwargs)
+
+        return read
+
+    B, N, C, H = 2, 140, 16, 2
+    gen = torch.Generator().manual_seed(11)
+    inputs = [torch.randn(B, N, C, generator=gen, requires_grad=True) for _ in range(5)]
+    real = torch.ones(B, N, dtype=torch.bool)
+    real[1, 90:] = False
+    mixer = PoNetMixer(C, H)
+    mixer.backend = "triton"
+    x = torch.randn(B, N, C, generator=gen, requires_grad=True)
+    runs = {
+        "equal_padded": lambda: ponet_mixing(*inputs, H, real, segment_size=13, backend="triton"),
+        "one_segment": lambda: ponet_mixing(*inputs, H, backend="triton"),
+        "mixer_equal": lambda: mixer(x, real, segment_size=13),
+    }
+    rows = {}
+    try:
+        for name, kernel in originals.items():
+            setattr(pool, name, Counted(name, kernel))
+        for name in host_reads:
+            setattr(torch.Tensor, name, counted_read(name))
+        for run_name, run in runs.items():
+            for t in (*inputs, x, *mixer.parameters()):
+                t.grad = None
+            launches.clear()
+            aten.clear()
+            grad = torch.ones(B, N, C)
+            with CountOps():
+                run().backward(grad)
+            rows[run_name] = {
+                "triton": dict(launches),
+                "aten": {k: v for k, v in aten.items() if k not in _NOT_LAUNCHES},
+                "syncs": sum(v for k, v in aten.items() if k in _SYNC_OPS),
+            }
+    finally:
+        for name, kernel in originals.items():
+            setattr(pool, name, kernel)
+        for name, read in host_reads.items():
+            setattr(torch.Tensor, name, read)
+    return rows
+
+
 def checks() -> list[str]:
     names = [f"{name}-float32" for name in CASES if not name.startswith("bfloat16")]
-    return [*names, "bfloat16_padded-bfloat16", "ids_special_padded-packed-float32", "ties"]
+    return [*names, "bfloat16_padded-bfloat16", "ids_special_padded-packed-float32", "ties", "launches"]
 
 
 def main() -> None:
@@ -153,6 +246,8 @@ def main() -> None:
         try:
             if check == "ties":
                 row = _ties()
+            elif check == "launches":
+                row = _launch_counts()
             else:
                 name, *flags, dtype = check.split("-")
                 row = _compare(name, getattr(torch, dtype), seed, packed="packed" in flags)
@@ -169,7 +264,7 @@ def interpreted() -> dict:
     return run_interpreted(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("check", [c for c in checks() if c != "ties"])
+@pytest.mark.parametrize("check", [c for c in checks() if c not in ("ties", "launches")])
 def test_interpreted_kernels_match_fp64_reference(interpreted, check):
     row = interpreted.get(check)
     assert row is not None, f"{check} did not run"
@@ -189,6 +284,36 @@ def test_interpreted_ties_give_the_gradient_to_the_first_maximum(interpreted):
     assert row["out"] < 1e-6 and row["others"] < 1e-5
     assert row["dlocal"] < 1e-6
     assert row["dsegment_first_max"] < 1e-6
+
+
+# per forward + backward: reduce, q mean, softmax, softmax merge, output; pool backward, dg,
+# global backward, d q mean, scatter
+EXPECTED_LAUNCHES = {
+    "_reduce_kernel": 1,
+    "_tile_sum_kernel": 3,
+    "_softmax_kernel": 1,
+    "_softmax_merge_kernel": 1,
+    "_output_kernel": 1,
+    "_pool_backward_kernel": 1,
+    "_global_backward_kernel": 1,
+    "_scatter_kernel": 1,
+}
+
+
+@pytest.mark.parametrize("run", ["equal_padded", "one_segment", "mixer_equal"])
+def test_interpreted_equal_segments_launch_counts(interpreted, run):
+    """Equal segments: ten Triton launches, two fills, no host synchronisation, no glue ops."""
+    row = interpreted["launches"]
+    assert "error" not in row, row["error"]
+    counts = row[run]
+    assert counts["triton"] == EXPECTED_LAUNCHES
+    assert counts["syncs"] == 0
+    aten = dict(counts["aten"])
+    # the mixer adds its projection: weight and bias concatenations, the GEMM and its backward
+    projection = {"cat": 2, "addmm": 1, "mm": 2, "sum": 1} if run == "mixer_equal" else {}
+    for name, n in projection.items():
+        assert aten.pop(name, 0) == n, (name, counts["aten"])
+    assert aten == {"full": 1, "zeros": 1}, counts["aten"]  # seg-max table; backward tables
 
 
 def test_contiguous_segment_ranks():

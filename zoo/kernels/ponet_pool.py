@@ -15,25 +15,33 @@ exactly (as ``-inf``), like ``zoo.layers.ponet.ponet_mixing_reference``.
 The sequence is cut into tiles of ``BLOCK_N`` tokens; a program handles one tile of one head
 of one batch row, so every pass reads each input once, in ``O(N C)`` time, nothing ``N x N``:
 
-forward
-  1. ``_reduce_kernel``: per-tile sums of ``q`` over real tokens (for ``qbar``) and the segment
-     max: a segmented running max inside the tile (``tl.associative_scan``; segments are
-     contiguous runs, numbered per row), then one ``atomic_max`` per piece of a segment into an
-     fp32 table ``(B, num_segments, C)``;
-  2. ``_softmax_kernel``: per-tile online-softmax partials of ``qbar . k`` (tile max, sum of
-     exponentials, exponential-weighted sum of ``k``), merged in PyTorch into ``g`` and the
+forward (one fill, five launches, no host synchronisation)
+  1. ``_reduce_kernel``: per-tile sums of ``q`` and counts of real tokens (for ``qbar``) and the
+     segment max: a segmented running max inside the tile (``tl.associative_scan``; segments
+     are contiguous runs, numbered per row), then one ``atomic_max`` per piece of a segment
+     into an fp32 table ``(B, num_segments, C)`` (the one fill: ``-inf``);
+  2. ``_tile_sum_kernel``: ``qbar`` from the tile partials;
+  3. ``_softmax_kernel``: per-tile online-softmax partials of ``qbar . k`` (tile max, sum of
+     exponentials, exponential-weighted sum of ``k``);
+  4. ``_softmax_merge_kernel``: one program per head merges them into ``g`` and the
      log-sum-exp;
-  3. ``_output_kernel``: gathers ``S`` from the table, max-pools ``local`` over shifted loads,
+  5. ``_output_kernel``: gathers ``S`` from the table, max-pools ``local`` over shifted loads,
      writes ``(g + S) * o + L``.
 
-backward (``G`` = gradient of the output)
+``qbar``, ``g``, the log-sum-exp and the token counts live in one small fp32 buffer that the
+backward reuses with the segment max table; the tile partials share one scratch buffer.
+
+backward (``G`` = gradient of the output; one zero fill, five launches)
   1. ``_pool_backward_kernel``: ``d o``, ``d local`` (the window max recomputed; the gradient
      goes to the first maximal position of each window, the tie rule of ``torch``'s max
      pooling), per-tile partials of ``dg = sum G * o``, per-segment sums of ``G * o`` (a
      running sum inside the tile, ``atomic_add`` per piece), and the first maximal position
-     of each segment and channel (``atomic_min`` of the positions equal to the max);
-  2. ``_global_backward_kernel``: ``d k`` through the softmax and partials of ``d qbar``;
-  3. ``_scatter_kernel``: ``d segment`` (each segment's gradient sum at its first maximal
+     of each segment and channel (``atomic_max`` of ``N - position`` over the positions equal
+     to the max; both tables share the one zero-filled buffer, 0 meaning "none");
+  2. ``_tile_sum_kernel``: ``dg``;
+  3. ``_global_backward_kernel``: ``d k`` through the softmax and partials of ``d qbar``;
+  4. ``_tile_sum_kernel``: ``d qbar``;
+  5. ``_scatter_kernel``: ``d segment`` (each segment's gradient sum at its first maximal
      position, zero elsewhere) and ``d q = d qbar / count`` at real tokens.
 
 Ties: the whole gradient of a max goes to its first maximal position (lowest token index),
@@ -48,6 +56,7 @@ The plain PyTorch reference is ``zoo.layers.ponet.ponet_mixing_reference``.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -107,7 +116,7 @@ if tl is not None:
 
     @triton.jit
     def _reduce_kernel(
-        Q, Seg, Real, Rank, QPart, SegMax,
+        Q, Seg, Real, Rank, QPart, CountPart, SegMax,
         stride_qb, stride_qn, stride_sb, stride_sn, stride_mb, stride_rb,
         N, C, D, num_tiles, num_segments, segment_size,
         HAS_REAL: tl.constexpr, HAS_RANK: tl.constexpr,
@@ -126,6 +135,9 @@ if tl is not None:
 
         q = tl.load(Q + b64 * stride_qb + rows64[:, None] * stride_qn + cols[None, :], mask=take, other=0.0)
         tl.store(QPart + (b64 * num_tiles + tile) * C + cols, tl.sum(q.to(tl.float32), 0), mask=col_in)
+        if HAS_REAL:
+            if h == 0:
+                tl.store(CountPart + b64 * num_tiles + tile, tl.sum(real.to(tl.float32), 0))
 
         rank = _segment_rank(Rank, b64, rows, N, stride_rb, segment_size, HAS_RANK)
         x = tl.load(Seg + b64 * stride_sb + rows64[:, None] * stride_sn + cols[None, :], mask=take, other=0.0)
@@ -167,6 +179,81 @@ if tl is not None:
         tl.store(MaxPart + part, tile_max)
         tl.store(SumPart + part, tl.sum(p, 0))
         tl.store(GPart + (b64 * num_tiles + tile) * C + cols, tl.sum(p[:, None] * k, 0), mask=col_in)
+
+    @triton.jit
+    def _tile_sum_kernel(
+        Part, CountPart, Count, Out,
+        num_tiles, C, count_all,
+        COUNT_MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):  # fmt: skip
+        """``Out[b] = sum_t Part[b, t]`` (``Part``: ``(B, T, C)``), divided by a token count:
+        ``COUNT_MODE`` 0 none, 1 ``max(sum_t CountPart[b, t], 1)`` (also stored to ``Count[b]``),
+        2 ``count_all``, 3 the stored ``Count[b]``."""
+        pid, b = tl.program_id(0), tl.program_id(1)
+        b64 = b.to(tl.int64)
+        cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_in = cols < C
+        acc = tl.zeros((BLOCK_C,), tl.float32)
+        counted = tl.zeros((BLOCK_T,), tl.float32)
+        for start in range(0, num_tiles, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            t_in = t < num_tiles
+            part = tl.load(
+                Part + (b64 * num_tiles + t[:, None]) * C + cols[None, :],
+                mask=t_in[:, None] & col_in[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(part, 0)
+            if COUNT_MODE == 1:
+                counted += tl.load(CountPart + b64 * num_tiles + t, mask=t_in, other=0.0)
+        if COUNT_MODE == 1:
+            count = tl.maximum(tl.sum(counted, 0), 1.0)
+            if pid == 0:
+                tl.store(Count + b64, count)
+            acc = acc / count
+        elif COUNT_MODE == 2:
+            acc = acc / count_all
+        elif COUNT_MODE == 3:
+            acc = acc / tl.load(Count + b64)
+        tl.store(Out + b64 * C + cols, acc, mask=col_in)
+
+    @triton.jit
+    def _softmax_merge_kernel(
+        MaxPart, SumPart, GPart, G, Lse,
+        num_tiles, C, D, H,
+        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Merges the per-tile softmax partials of one head: ``g`` and the log-sum-exp."""
+        h, b = tl.program_id(0), tl.program_id(1)
+        b64 = b.to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        cols = h * D + d
+        col_in = d < D
+        running_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        for start in range(0, num_tiles, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            tile_max = tl.load(
+                MaxPart + (b64 * num_tiles + t) * H + h, mask=t < num_tiles, other=float("-inf")
+            )
+            running_max = tl.maximum(running_max, tile_max)
+        top = tl.max(running_max, 0)
+        total = tl.zeros((BLOCK_T,), tl.float32)
+        g = tl.zeros((BLOCK_D,), tl.float32)
+        for start in range(0, num_tiles, BLOCK_T):
+            t = start + tl.arange(0, BLOCK_T)
+            t_in = t < num_tiles
+            part = (b64 * num_tiles + t) * H + h
+            weight = tl.exp(tl.load(MaxPart + part, mask=t_in, other=float("-inf")) - top)
+            total += weight * tl.load(SumPart + part, mask=t_in, other=0.0)
+            g_part = tl.load(
+                GPart + (b64 * num_tiles + t[:, None]) * C + cols[None, :],
+                mask=t_in[:, None] & col_in[None, :],
+                other=0.0,
+            )
+            g += tl.sum(weight[:, None] * g_part, 0)
+        total_sum = tl.sum(total, 0)
+        tl.store(G + b64 * C + cols, g / total_sum, mask=col_in)
+        tl.store(Lse + b64 * H + h, top + tl.log(total_sum))
 
     @triton.jit
     def _output_kernel(
@@ -213,7 +300,7 @@ if tl is not None:
     @triton.jit
     def _pool_backward_kernel(
         Grad, O, Local, Seg, Real, Special, Rank, G, SegMax,
-        DO, DLocal, DgPart, SegGradSum, SegArgmax,
+        DO, DLocal, DgPart, SegGradSum, SegFirst,
         stride_gb, stride_gn, stride_ob, stride_on, stride_lb, stride_ln, stride_sb, stride_sn,
         stride_db, stride_dn, stride_mb, stride_rb,
         N, C, D, num_tiles, num_segments, segment_size,
@@ -266,7 +353,8 @@ if tl is not None:
             Seg + b64 * stride_sb + rows64[:, None] * stride_sn + cols[None, :], mask=real2, other=0.0
         )
         at_max = real2 & (x.to(tl.float32) == seg_max)
-        tl.atomic_min(SegArgmax + seg_slot, tl.broadcast_to(rows[:, None], (BLOCK_N, BLOCK_D)), mask=at_max)
+        from_end = tl.broadcast_to(N - rows[:, None], (BLOCK_N, BLOCK_D))  # the first max: the largest
+        tl.atomic_max(SegFirst + seg_slot, from_end, mask=at_max)
 
         # local max: row n takes the gradient of every window centre t whose first max it is
         value = tl.load(
@@ -344,7 +432,7 @@ if tl is not None:
 
     @triton.jit
     def _scatter_kernel(
-        Real, Rank, SegGradSum, SegArgmax, DqMean, DSeg, DQ,
+        Real, Rank, SegGradSum, SegFirst, DqMean, DSeg, DQ,
         stride_db, stride_dn, stride_mb, stride_rb,
         N, C, D, num_segments, segment_size,
         HAS_REAL: tl.constexpr, HAS_RANK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -362,9 +450,9 @@ if tl is not None:
         real2 = real[:, None] & col_in[None, :]
         rank = _segment_rank(Rank, b64, rows, N, stride_rb, segment_size, HAS_RANK)
         seg_slot = (b64 * num_segments + rank[:, None]) * C + cols[None, :]
-        first = tl.load(SegArgmax + seg_slot, mask=real2, other=-1)
+        first_from_end = tl.load(SegFirst + seg_slot, mask=real2, other=0)  # 0: no real token
         total = tl.load(SegGradSum + seg_slot, mask=real2, other=0.0)
-        d_seg = tl.where(first == rows[:, None], total, 0.0)
+        d_seg = tl.where(N - first_from_end == rows[:, None], total, 0.0)
         out = b64 * stride_db + rows64[:, None] * stride_dn + cols[None, :]
         tl.store(DSeg + out, d_seg.to(DSeg.dtype.element_ty), mask=take)
         dq_mean = tl.load(DqMean + b64 * C + cols, mask=col_in, other=0.0)
@@ -432,6 +520,7 @@ class _Spec:
         self.block_n = 64 if self.block_d <= 64 else (32 if self.block_d <= 128 else 16)
         self.num_tiles = triton.cdiv(N, self.block_n)
         self.grid = (self.num_tiles, num_heads, B)
+        self.sum_grid = (triton.cdiv(C, _SUM_BLOCK_C), B)
         self.scale = self.D**-0.5
         self.real = padding_mask.contiguous().view(torch.uint8) if padding_mask is not None else None
         self.special = special_mask.contiguous().view(torch.uint8) if special_mask is not None else None
@@ -441,107 +530,132 @@ class _Spec:
         self.local_kernel = local_kernel
 
     def flags(self, like: Tensor) -> tuple[Tensor, Tensor, int]:
-        dummy = like.new_empty(1, dtype=torch.uint8)
-        real = self.real if self.real is not None else dummy
-        special = self.special if self.special is not None else dummy
+        """Mask pointers and row stride; an absent mask is never read (``like`` stands in)."""
+        real = self.real if self.real is not None else like
+        special = self.special if self.special is not None else like
         stride = self.N if (self.real is not None or self.special is not None) else 0
         return real, special, stride
 
     def rank_args(self, like: Tensor) -> tuple[Tensor, int]:
         if self.ranks is None:
-            return like.new_empty(1, dtype=torch.int32), 0
+            return like, 0
         return self.ranks, self.ranks.stride(0)
 
-    def count(self, like: Tensor) -> Tensor:
-        if self.real is None:
-            return torch.full((self.B, 1), float(self.N), device=like.device)
-        return self.real.sum(dim=1, keepdim=True, dtype=torch.float32).clamp_min(1.0)
+
+# tile-sum kernel: channels per program and tiles per step; softmax merge: tiles per step
+_SUM_BLOCK_C, _SUM_BLOCK_T = 64, 64
+
+
+def _carve(buffer: Tensor, *shapes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """The 1-D ``buffer`` cut into consecutive pieces holding arrays of these shapes, row-major (the
+    kernels take them as flat pointers)."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return buffer.split(sizes)
+
+
+def _stats_shapes(spec: _Spec) -> tuple[tuple[int, ...], ...]:
+    """``q_mean, g (B, C)``, ``lse (B, H)``, ``count (B,)``: what the backward reuses."""
+    return (spec.B, spec.C), (spec.B, spec.C), (spec.B, spec.H), (spec.B,)
 
 
 def _forward(spec: _Spec, q: Tensor, k: Tensor, o: Tensor, local: Tensor, segment: Tensor):
+    """The output and the saved statistics: one fill and five launches."""
     B, N, C, H, D = spec.B, spec.N, spec.C, spec.H, spec.D
     T, S = spec.num_tiles, spec.num_segments
     real, special, stride_m = spec.flags(q)
     ranks, stride_r = spec.rank_args(q)
+    has_real = spec.real is not None
     common = dict(BLOCK_N=spec.block_n, BLOCK_D=spec.block_d)
     f32 = dict(device=q.device, dtype=torch.float32)
 
-    q_part = torch.empty(B, T, C, **f32)
+    part_shapes = ((B, T, C), (B, T, C), (B, T, H), (B, T, H), (B, T))
+    q_part, g_part, max_part, sum_part, count_part = _carve(
+        torch.empty(2 * B * T * C + 2 * B * T * H + B * T, **f32), *part_shapes
+    )
+    stats_shapes = _stats_shapes(spec)
+    stats = torch.empty(2 * B * C + B * H + B, **f32)
+    q_mean, g, lse, count = _carve(stats, *stats_shapes)
     seg_max = torch.full((B, S, C), float("-inf"), **f32)
+
     _reduce_kernel[spec.grid](
-        q, segment, real, ranks, q_part, seg_max,
+        q, segment, real, ranks, q_part, count_part, seg_max,
         q.stride(0), q.stride(1), segment.stride(0), segment.stride(1), stride_m, stride_r,
         N, C, D, T, S, spec.segment_size,
-        HAS_REAL=spec.real is not None, HAS_RANK=spec.ranks is not None, **common,
+        HAS_REAL=has_real, HAS_RANK=spec.ranks is not None, **common,
     )  # fmt: skip
-    q_mean = q_part.sum(dim=1) / spec.count(q)
-
-    max_part = torch.empty(B, T, H, **f32)
-    sum_part = torch.empty(B, T, H, **f32)
-    g_part = torch.empty(B, T, C, **f32)
+    _tile_sum_kernel[spec.sum_grid](
+        q_part, count_part, count, q_mean, T, C, float(N),
+        COUNT_MODE=1 if has_real else 2, BLOCK_T=_SUM_BLOCK_T, BLOCK_C=_SUM_BLOCK_C,
+    )  # fmt: skip
     _softmax_kernel[spec.grid](
         k, real, q_mean, max_part, sum_part, g_part,
         k.stride(0), k.stride(1), stride_m,
         N, C, D, H, T, spec.scale,
-        HAS_REAL=spec.real is not None, **common,
+        HAS_REAL=has_real, **common,
     )  # fmt: skip
-    top = max_part.amax(dim=1, keepdim=True)
-    weight = torch.exp(max_part - top)  # (B, T, H)
-    total = (weight * sum_part).sum(dim=1)  # (B, H)
-    g = torch.einsum("bth,bthd->bhd", weight, g_part.view(B, T, H, D)) / total[..., None]
-    g = g.reshape(B, C).contiguous()
-    lse = (top[:, 0] + torch.log(total)).contiguous()
-
+    _softmax_merge_kernel[(H, B)](
+        max_part, sum_part, g_part, g, lse, T, C, D, H, BLOCK_T=_SUM_BLOCK_T, BLOCK_D=spec.block_d
+    )
     out = torch.empty(B, N, C, device=q.device, dtype=q.dtype)
     _output_kernel[spec.grid](
         o, local, real, special, ranks, g, seg_max, out,
         o.stride(0), o.stride(1), local.stride(0), local.stride(1), stride_m, stride_r,
         N, C, D, S, spec.segment_size,
-        HAS_REAL=spec.real is not None, HAS_SPECIAL=spec.special is not None,
+        HAS_REAL=has_real, HAS_SPECIAL=spec.special is not None,
         HAS_RANK=spec.ranks is not None, KERNEL=spec.local_kernel, **common,
     )  # fmt: skip
-    return out, (q_mean, g, lse, seg_max)
+    return out, stats, seg_max
 
 
-def _backward(spec: _Spec, grad: Tensor, saved, k, o, local, segment, dq, dk, do, dlocal, dseg) -> None:
+def _backward(
+    spec: _Spec, grad: Tensor, stats: Tensor, seg_max: Tensor, k, o, local, segment, dq, dk, do, dlocal, dseg
+):
+    """Fills the five gradients: one zero fill and five launches."""
     B, N, C, H, D = spec.B, spec.N, spec.C, spec.H, spec.D
     T, S = spec.num_tiles, spec.num_segments
-    q_mean, g, lse, seg_max = saved
+    q_mean, g, lse, count = _carve(stats, *_stats_shapes(spec))
     real, special, stride_m = spec.flags(grad)
     ranks, stride_r = spec.rank_args(grad)
+    has_real = spec.real is not None
     common = dict(BLOCK_N=spec.block_n, BLOCK_D=spec.block_d)
     f32 = dict(device=grad.device, dtype=torch.float32)
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
 
-    dg_part = torch.empty(B, T, C, **f32)
-    seg_grad = torch.zeros(B, S, C, **f32)
-    seg_argmax = torch.full((B, S, C), N, device=grad.device, dtype=torch.int32)
+    dg_part, dq_part, dg, dq_mean = _carve(
+        torch.empty(2 * B * T * C + 2 * B * C, **f32), (B, T, C), (B, T, C), (B, C), (B, C)
+    )
+    # per segment and channel: the gradient sum (fp32) and N - the first maximal position (int32)
+    seg_tables = torch.zeros(2 * B * S * C, device=grad.device, dtype=torch.int32)
+    seg_grad = seg_tables[: B * S * C].view(torch.float32)
+    seg_first = seg_tables[B * S * C :]
     _pool_backward_kernel[spec.grid](
         grad, o, local, segment, real, special, ranks, g, seg_max,
-        do, dlocal, dg_part, seg_grad, seg_argmax,
+        do, dlocal, dg_part, seg_grad, seg_first,
         grad.stride(0), grad.stride(1), o.stride(0), o.stride(1), local.stride(0), local.stride(1),
         segment.stride(0), segment.stride(1), do.stride(0), do.stride(1), stride_m, stride_r,
         N, C, D, T, S, spec.segment_size,
-        HAS_REAL=spec.real is not None, HAS_SPECIAL=spec.special is not None,
+        HAS_REAL=has_real, HAS_SPECIAL=spec.special is not None,
         HAS_RANK=spec.ranks is not None, KERNEL=spec.local_kernel, **common,
     )  # fmt: skip
-    dg = dg_part.sum(dim=1).contiguous()
-
-    dq_part = torch.empty(B, T, C, **f32)
+    _tile_sum_kernel[spec.sum_grid](
+        dg_part, dg_part, count, dg, T, C, 1.0, COUNT_MODE=0, BLOCK_T=_SUM_BLOCK_T, BLOCK_C=_SUM_BLOCK_C
+    )
     _global_backward_kernel[spec.grid](
         k, real, q_mean, lse, g, dg, dk, dq_part,
         k.stride(0), k.stride(1), dk.stride(0), dk.stride(1), stride_m,
         N, C, D, H, T, spec.scale,
-        HAS_REAL=spec.real is not None, **common,
+        HAS_REAL=has_real, **common,
     )  # fmt: skip
-    dq_mean = (dq_part.sum(dim=1) / spec.count(grad)).contiguous()
-
+    _tile_sum_kernel[spec.sum_grid](
+        dq_part, dq_part, count, dq_mean, T, C, float(N),
+        COUNT_MODE=3 if has_real else 2, BLOCK_T=_SUM_BLOCK_T, BLOCK_C=_SUM_BLOCK_C,
+    )  # fmt: skip
     _scatter_kernel[spec.grid](
-        real, ranks, seg_grad, seg_argmax, dq_mean, dseg, dq,
+        real, ranks, seg_grad, seg_first, dq_mean, dseg, dq,
         dseg.stride(0), dseg.stride(1), stride_m, stride_r,
         N, C, D, S, spec.segment_size,
-        HAS_REAL=spec.real is not None, HAS_RANK=spec.ranks is not None, **common,
+        HAS_REAL=has_real, HAS_RANK=spec.ranks is not None, **common,
     )  # fmt: skip
 
 
@@ -553,17 +667,17 @@ class _PoNetPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, q: Tensor, k: Tensor, o: Tensor, local: Tensor, segment: Tensor) -> Tensor:
         q, k, o, local, segment = (_row_major(t) for t in (q, k, o, local, segment))
-        out, saved = _forward(spec, q, k, o, local, segment)
+        out, stats, seg_max = _forward(spec, q, k, o, local, segment)
         ctx.spec = spec
-        ctx.save_for_backward(k, o, local, segment, *saved)
+        ctx.save_for_backward(k, o, local, segment, stats, seg_max)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        k, o, local, segment, *saved = ctx.saved_tensors
-        dq, dk, do, dlocal, dseg = (torch.empty(k.shape, dtype=k.dtype, device=k.device) for _ in range(5))
-        _backward(ctx.spec, grad, saved, k, o, local, segment, dq, dk, do, dlocal, dseg)
-        return None, dq, dk, do, dlocal, dseg
+        k, o, local, segment, stats, seg_max = ctx.saved_tensors
+        grads = torch.empty((5, *k.shape), dtype=k.dtype, device=k.device).unbind(0)  # dq dk do dlocal dseg
+        _backward(ctx.spec, grad, stats, seg_max, k, o, local, segment, *grads)
+        return None, *grads
 
 
 class _PoNetPoolPacked(torch.autograd.Function):
@@ -571,17 +685,17 @@ class _PoNetPoolPacked(torch.autograd.Function):
     def forward(ctx, spec: _Spec, packed: Tensor) -> Tensor:
         packed = _row_major(packed)
         q, k, o, local, segment = packed.split(spec.C, dim=-1)
-        out, saved = _forward(spec, q, k, o, local, segment)
+        out, stats, seg_max = _forward(spec, q, k, o, local, segment)
         ctx.spec = spec
-        ctx.save_for_backward(packed, *saved)
+        ctx.save_for_backward(packed, stats, seg_max)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        packed, *saved = ctx.saved_tensors
+        packed, stats, seg_max = ctx.saved_tensors
         _, k, o, local, segment = packed.split(ctx.spec.C, dim=-1)
         d_packed = torch.empty_like(packed)
-        _backward(ctx.spec, grad, saved, k, o, local, segment, *d_packed.split(ctx.spec.C, dim=-1))
+        _backward(ctx.spec, grad, stats, seg_max, k, o, local, segment, *d_packed.split(ctx.spec.C, dim=-1))
         return None, d_packed
 
 
