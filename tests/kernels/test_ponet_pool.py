@@ -206,6 +206,7 @@ def _launch_counts() -> dict:
         "equal_padded": lambda: ponet_mixing(*inputs, H, real, segment_size=13, backend="triton"),
         "one_segment": lambda: ponet_mixing(*inputs, H, backend="triton"),
         "mixer_equal": lambda: mixer(x, real, segment_size=13),
+        "sentence_ids": lambda: ponet_mixing(*inputs, H, real, torch.arange(N) // 16, backend="triton"),
     }
     rows = {}
     try:
@@ -316,6 +317,13 @@ def test_interpreted_equal_segments_launch_counts(interpreted, run):
     assert aten == {"full": 1, "zeros": 1}, counts["aten"]  # seg-max table; backward tables
 
 
+def test_interpreted_segment_ids_cost_one_host_synchronisation(interpreted):
+    """Explicit ids: their range and contiguity are read back together, once."""
+    counts = interpreted["launches"]["sentence_ids"]
+    assert counts["triton"] == EXPECTED_LAUNCHES
+    assert counts["syncs"] == 1
+
+
 def test_contiguous_segment_ranks():
     from zoo.kernels.ponet_pool import contiguous_segment_ranks
 
@@ -346,6 +354,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     "case, match",
     [
         ("scattered_ids", "contiguous run"),
+        ("ids_out_of_range", r"segment_ids: expected values in \[0, 11\]"),
         ("float64", "float16, bfloat16 or float32"),
         ("mixed_dtypes", "one dtype"),
     ],
@@ -356,6 +365,8 @@ def test_triton_backend_refuses_what_it_does_not_cover(monkeypatch, case, match)
     inputs, options = _small_inputs(), {}
     if case == "scattered_ids":
         options["segment_ids"] = torch.tensor([0, 0, 1, 1, 0, 2, 2, 2, 3, 3, 3, 3])
+    elif case == "ids_out_of_range":
+        options["segment_ids"] = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 12])
     elif case == "float64":
         inputs = _small_inputs(torch.float64)
     else:

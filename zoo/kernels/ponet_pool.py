@@ -467,11 +467,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def contiguous_segment_ranks(segment_ids: Tensor, batch: int) -> tuple[Tensor, int] | None:
+def contiguous_segment_ranks(
+    segment_ids: Tensor, batch: int, check_range: bool = False
+) -> tuple[Tensor, int] | None:
     """Segment ids as run numbers ``0, 1, ...`` per row, and the largest run count.
 
     ``None`` when some id occurs in more than one run of a row (segments that are not
-    contiguous, which the kernels do not cover). One device-to-host copy.
+    contiguous, which the kernels do not cover). ``check_range``: ``ValueError`` unless every
+    id is in ``[0, N)``, checked in the same single device-to-host copy.
     """
     ids = segment_ids.expand(batch, -1) if segment_ids.dim() == 1 else segment_ids
     ids = ids.long()
@@ -482,7 +485,15 @@ def contiguous_segment_ranks(segment_ids: Tensor, batch: int) -> tuple[Tensor, i
     runs = ranks[:, -1] + 1
     ordered = ids.sort(dim=1).values
     distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1, dtype=torch.int32)
-    contiguous, most = torch.stack([(distinct == runs).all().to(torch.int32), runs.max()]).tolist()
+    summary = [(distinct == runs).all().long(), runs.max().long()]
+    if check_range:
+        summary += [ordered[:, 0].min(), ordered[:, -1].max()]
+    contiguous, most, *extremes = torch.stack(summary).tolist()
+    if extremes and (extremes[0] < 0 or extremes[1] >= N):
+        raise ValueError(
+            f"segment_ids: expected values in [0, {N - 1}] (at most one segment per token), "
+            f"got [{extremes[0]}, {extremes[1]}]"
+        )
     return (ranks.contiguous(), int(most)) if contiguous else None
 
 

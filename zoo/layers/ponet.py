@@ -110,7 +110,10 @@ def _check_inputs(
     segment_size: int | None,
     special_mask: Tensor | None,
     local_kernel: int,
+    check_id_values: bool = True,
 ) -> None:
+    """``ValueError`` for bad arguments. ``check_id_values=False`` leaves the range of
+    ``segment_ids`` (a device-to-host copy) to the caller."""
     if q.dim() != 3 or not q.is_floating_point():
         raise ValueError(f"q: expected a (B, N, C) floating tensor, got {tuple(q.shape)} {q.dtype}")
     for name, t in (("k", k), ("o", o), ("local", local), ("segment", segment)):
@@ -141,11 +144,16 @@ def _check_inputs(
             raise ValueError(
                 f"segment_ids: expected shape {(B, N)} or {(N,)}, got {tuple(segment_ids.shape)}"
             )
-        if N and bool(((segment_ids < 0) | (segment_ids >= N)).any()):
-            lo, hi = int(segment_ids.min()), int(segment_ids.max())
-            raise ValueError(
-                f"segment_ids: expected values in [0, {N - 1}] (at most one segment per token), got [{lo}, {hi}]"
-            )
+        if check_id_values:
+            _check_segment_id_values(segment_ids, N)
+
+
+def _check_segment_id_values(segment_ids: Tensor | None, N: int) -> None:
+    if segment_ids is not None and N and bool(((segment_ids < 0) | (segment_ids >= N)).any()):
+        lo, hi = int(segment_ids.min()), int(segment_ids.max())
+        raise ValueError(
+            f"segment_ids: expected values in [0, {N - 1}] (at most one segment per token), got [{lo}, {hi}]"
+        )
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -349,6 +357,7 @@ def ponet_mixing(
         segment_size,
         special_mask,
         local_kernel,
+        check_id_values=False,  # with the contiguity test below when the kernels run
     )
     mixing_args = (num_heads, padding_mask, segment_ids, segment_size, special_mask, local_kernel)
     ranks = _triton_segment_ranks(backend, q, (k, o, local, segment), segment_ids)
@@ -358,6 +367,7 @@ def ponet_mixing(
         return ponet_pool_mixing(
             q, k, o, local, segment, *mixing_args, segment_ranks=ranks if segment_ids is not None else None
         )
+    _check_segment_id_values(segment_ids, q.shape[1])
     return _ponet_mixing_torch(q, k, o, local, segment, *mixing_args)
 
 
@@ -368,7 +378,8 @@ def _triton_segment_ranks(
     backend: str, q: Tensor, others: tuple[Tensor, ...], segment_ids: Tensor | None
 ) -> tuple[Tensor, int] | tuple[()] | None:
     """``None``: run PyTorch. Else the Triton kernels run, with these segment run numbers
-    (``()`` without ``segment_ids``). ``backend="triton"`` that cannot run raises ``ValueError``."""
+    (``()`` without ``segment_ids``, whose range is checked here, in the one device-to-host
+    copy of the contiguity test). ``backend="triton"`` that cannot run raises ``ValueError``."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
     if backend == "torch" or (backend == "auto" and not q.is_cuda):
@@ -379,7 +390,7 @@ def _triton_segment_ranks(
     if reason is None and any(t.dtype != q.dtype or t.device != q.device for t in others):
         reason = "the kernels need q, k, o, local and segment of one dtype and device"
     if reason is None and segment_ids is not None:
-        ranks = contiguous_segment_ranks(segment_ids.to(q.device), q.shape[0])
+        ranks = contiguous_segment_ranks(segment_ids.to(q.device), q.shape[0], check_range=True)
         if ranks is None:
             reason = "the kernels need every segment to be one contiguous run of tokens"
     if reason is not None:
@@ -483,9 +494,10 @@ class PoNetMixer(nn.Module):
         args = (self.num_heads, padding_mask, segment_ids, segment_size, special_mask, self.local_kernel)
         if not self.fused:
             return ponet_mixing_reference(q, k, o, local, segment, *args)
-        _check_inputs(q, k, o, local, segment, *args)
+        _check_inputs(q, k, o, local, segment, *args, check_id_values=False)
         ranks = _triton_segment_ranks(self.backend, q, (), segment_ids)
         if ranks is None:
+            _check_segment_id_values(segment_ids, x.shape[1])
             return _ponet_mixing_torch(q, k, o, local, segment, *args)
         from zoo.kernels.ponet_pool import ponet_pool_mixing_packed
 
