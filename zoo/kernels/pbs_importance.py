@@ -360,12 +360,12 @@ def key_importance_triton(
 def key_importance(q: Tensor, k: Tensor, last: int, causal: bool = True, *, backend: str = "auto") -> Tensor:
     """Last-block key importance ``[B, Hkv, M]``.
 
-    ``backend``: ``"auto"`` and ``"torch"`` run the chunked two-pass PyTorch version (on any
-    device); ``"triton"`` runs the Triton kernels, which are so far checked only under the
-    Triton interpreter, not yet compiled on a GPU.
+    ``backend``: ``"triton"`` runs the Triton kernels, ``"torch"`` the chunked two-pass PyTorch
+    version (any device); ``"auto"`` the kernels on CUDA tensors where Triton is installed, else
+    the PyTorch version.
     """
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton":
+    if backend == "triton" or (backend == "auto" and q.is_cuda and triton is not None):
         return key_importance_triton(q, k, last, causal)
     return key_importance_reference(q, k, last, causal)

@@ -4,13 +4,15 @@ Deep backbones (FaViT-B2 has 26 blocks) take minutes to compile as one graph. Bl
 class share their compiled code when their shapes agree (parameters are graph inputs), so
 compiling block by block costs one compilation per distinct block shape, while the fusion
 inside each block (norms, activations, residuals, the attention's reshapes) is the same.
-Stems, downsampling layers and heads stay eager.
+Stems, downsampling layers and heads stay eager, and so does stochastic depth (``DropPath``):
+its rate differs from block to block and would otherwise cost one compilation per block.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["repeated_blocks", "compile_blocks"]
@@ -62,6 +64,16 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
             f"{type(model).__name__}"
         )
     compile_kwargs.setdefault("dynamic", False)
+    # one compiled forward serves every block of a class: a version per stage shape, batch size
+    # and train/eval mode, more than dynamo's default of 8 before it falls back to eager
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 64))
     for block in blocks:
+        for module in block.modules():
+            # stochastic depth: each block has its own rate, a constant to the compiler, so the
+            # rate stays outside the compiled code (a graph break) rather than one compilation per block
+            if isinstance(getattr(module, "drop_prob", None), float):
+                module.forward = torch.compiler.disable(module.forward)
         block.compile(**compile_kwargs)
     return model
