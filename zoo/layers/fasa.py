@@ -233,9 +233,8 @@ class _PointwiseWeightMatrix(torch.autograd.Function):
     """A 1x1 convolution weight ``[O, I, 1, 1]`` as an ``[O, I]`` matrix whose gradient keeps the weight's strides.
 
     In channels-last format the weight's size-1 dimensions carry strides that a plain view's
-    gradient (contiguous) does not; optimizers' multi-tensor (foreach) kernels compare strides
-    and fall back to one kernel per parameter and operation for the whole model when any
-    gradient's differ from its parameter's.
+    gradient (contiguous) does not; this keeps every gradient laid out exactly like its
+    parameter, which multi-tensor (foreach) optimizer kernels check before their fast path.
     """
 
     @staticmethod
