@@ -1,8 +1,6 @@
 """q/k/v captured from the LRA Transformer (``mixer="sdpa"``) are the attention the model computed."""
 
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -127,24 +125,16 @@ def test_select_examples_spreads_over_the_split():
     assert select_examples(3, 3) == [0, 1, 2]
 
 
-def _write_idx(path, array, labels=False):
-    with gzip.open(path, "wb") as f:
-        if labels:
-            f.write(struct.pack(">II", 2049, len(array)) + array.astype(np.uint8).tobytes())
-        else:
-            f.write(struct.pack(">IIII", 2051, len(array), 28, 28) + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
-def tiny_fashion_mnist(tmp_path, monkeypatch):
+def tiny_fashion_mnist(tmp_path, monkeypatch, write_idx):
     rng = np.random.default_rng(0)
     data = tmp_path / "fmnist"
     data.mkdir()
     test_x = rng.integers(0, 256, (4, 784))
-    _write_idx(data / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (6, 784)))
-    _write_idx(data / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 6), labels=True)
-    _write_idx(data / "t10k-images-idx3-ubyte.gz", test_x)
-    _write_idx(data / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 4), labels=True)
+    write_idx(data / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (6, 784)))
+    write_idx(data / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 6), labels=True)
+    write_idx(data / "t10k-images-idx3-ubyte.gz", test_x)
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 4), labels=True)
     monkeypatch.setenv("ZOO_FASHION_MNIST", str(data))
     return test_x
 

@@ -1,8 +1,6 @@
 """LRA-style tasks: ListOps follows the LRA rules, the offline tasks are deterministic and leak-free."""
 
-import gzip
 import re
-import struct
 
 import numpy as np
 import pytest
@@ -158,22 +156,14 @@ def test_kjv_same_book_pairs():
     assert 0.35 < np.mean(labels) < 0.65
 
 
-def _write_idx(path, array, labels=False):
-    with gzip.open(path, "wb") as f:
-        if labels:
-            f.write(struct.pack(">II", 2049, len(array)) + array.astype(np.uint8).tobytes())
-        else:
-            f.write(struct.pack(">IIII", 2051, len(array), 28, 28) + array.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_pixels_from_idx_files(tmp_path):
+def test_fashion_mnist_pixels_from_idx_files(tmp_path, write_idx):
     rng = np.random.default_rng(0)
     train_x, test_x = rng.integers(0, 256, (12, 784)), rng.integers(0, 256, (4, 784))
     train_y, test_y = rng.integers(0, 10, 12), rng.integers(0, 10, 4)
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_x)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", train_y, labels=True)
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test_x)
-    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_y, labels=True)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_x)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", train_y, labels=True)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test_x)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_y, labels=True)
     task = FashionMNISTPixels(data_dir=tmp_path, num_val=2)
     train, val, test = task.split("train"), task.split("val"), task.split("test")
     assert (len(train), len(val), len(test)) == (10, 2, 4)
