@@ -44,13 +44,12 @@ it under a causal mask (``N^2*D/S``): ``1/(2S)`` of dense causal attention's ``2
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from zoo.kernels.checks import check_grouped_query_key
+from zoo.kernels.checks import check_grouped_query_key, triton_interpreting
 
 __all__ = [
     "antidiagonal_block_scores",
@@ -181,10 +180,6 @@ _AUTOTUNE_CONFIGS = [
 ]
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _prune_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
     args = {**named_args, **kwargs}
     head_dim, cols_per_block = int(args["HEAD_DIM"]), int(args["COLS_PER_BLOCK"])
@@ -194,7 +189,7 @@ def _prune_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
 
 
 def _kernel(name: str) -> Any:
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if (name, interpret) not in _KERNELS:
         raw = {"scores": _antidiagonal_lse_kernel, "blocks": _block_sum_kernel}[name]
         if interpret:
@@ -455,7 +450,7 @@ def antidiagonal_block_scores_triton(
         raise ValueError(
             f"block_size: the Triton kernel needs block_k/stride a power of two <= 128, got {cols_per_block}"
         )
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if not q.is_cuda and not interpret:
         raise ValueError(f"q: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     fixed = tile is not None or feature_chunk is not None or interpret

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from zoo.kernels.block_mask import BlockSparseMask
+from zoo.kernels.checks import triton_interpreting
 
 __all__ = [
     "block_sparse_attention",
@@ -725,15 +726,9 @@ _SMALL_CONFIGS = [(32, 32, 4, 3), (16, 16, 4, 2)]
 _AUTOTUNE_KEY = ["HEAD_DIM", "MASK_BQ", "MASK_BK", "CAUSAL", "HAS_PERM"]
 
 
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _kernels() -> dict[str, Any]:
     """The Triton kernels, compiled or interpreted as TRITON_INTERPRET says at launch time."""
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if interpret not in _KERNELS:
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction as wrap
@@ -765,7 +760,7 @@ def _launch(name: str, configs: list, grid_fn, args: tuple, meta: dict, block_q:
     chip's shared memory (quick tests). Otherwise: autotuned, once per key."""
     import os
 
-    if _interpreting():
+    if triton_interpreting():
         tiles = {"BLOCK_M": min(16, block_q), "BLOCK_N": min(16, block_k)}
         _kernels()[name][grid_fn(tiles)](*args, **meta, **tiles)
     elif os.environ.get("ZOO_AUTOTUNE", "1") == "0":
@@ -851,7 +846,7 @@ def _cached(mask: BlockSparseMask, derive, causal: bool):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 or (_interpreting() and dtype == torch.bfloat16) else "tf32"
+    return "ieee" if dtype == torch.float32 or (triton_interpreting() and dtype == torch.bfloat16) else "tf32"
 
 
 def _strides3(t: Tensor) -> tuple[int, int, int]:
@@ -866,7 +861,7 @@ def _row_major(t: Tensor) -> Tensor:
 def _check_triton_inputs(q: Tensor, mask: BlockSparseMask) -> None:
     if triton is None:
         raise ValueError("backend: 'triton' needs the triton package; use backend='torch'")
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not triton_interpreting():
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q: the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
@@ -909,7 +904,7 @@ def _forward(q, k, v, mask, causal, scale):
         CAUSAL=bool(causal),
         HAS_PERM=mask.key_perm is not None,
         PRECISION=_precision(q.dtype),
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
     )
     grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
     _launch("_fwd_kernel", _FWD_CONFIGS, grid, args, meta, mask.block_q, mask.block_k)
@@ -937,7 +932,7 @@ def _backward(grad_out, q, k, v, out, lse, mask, causal, scale):
         CAUSAL=bool(causal),
         HAS_PERM=mask.key_perm is not None,
         PRECISION=_precision(q.dtype),
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=triton_interpreting() and q.dtype == torch.bfloat16,
     )
 
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -1,10 +1,18 @@
-"""Input checks shared by the kernels: grouped-query ``q [B, H, N, D]`` against ``k [B, Hkv, M, D]``."""
+"""Checks shared by the kernels: grouped-query ``q [B, H, N, D]`` against ``k [B, Hkv, M, D]``, and
+whether Triton runs interpreted (``TRITON_INTERPRET=1``, kernels on CPU tensors)."""
 
 from __future__ import annotations
 
+import os
+
 from torch import Tensor
 
-__all__ = ["check_grouped_query_key"]
+__all__ = ["check_grouped_query_key", "triton_interpreting"]
+
+
+def triton_interpreting() -> bool:
+    """True when ``TRITON_INTERPRET`` is set (to anything but ``0``): Triton kernels run in the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def check_grouped_query_key(q: Tensor, k: Tensor) -> None:

@@ -31,13 +31,12 @@ unfused softmax writes and reads back.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from zoo.kernels.checks import check_grouped_query_key
+from zoo.kernels.checks import check_grouped_query_key, triton_interpreting
 
 __all__ = ["key_importance", "key_importance_reference", "key_importance_triton"]
 
@@ -99,10 +98,6 @@ def key_importance_reference(
         probs = torch.exp(logits(start) - lse[..., None])
         out[..., start : start + probs.shape[-1]] = probs.sum(dim=2) / num_rows
     return out
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _row_stats_kernel(
@@ -258,7 +253,7 @@ _CONFIGS = {
 
 
 def _kernel(name: str) -> Any:
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if (name, interpret) not in _KERNELS:
         raw = {"stats": _row_stats_kernel, "sums": _key_sums_kernel}[name]
         if interpret:
@@ -290,7 +285,7 @@ def key_importance_triton(
     if triton is None:
         raise RuntimeError("key_importance_triton: Triton is not installed")
     _check_inputs(q, k, last)
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if not q.is_cuda and not interpret:
         raise ValueError(f"q: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
     allowed = (torch.float16, torch.bfloat16, torch.float32)

@@ -57,10 +57,11 @@ The plain PyTorch reference is ``zoo.layers.ponet.ponet_mixing_reference``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
+
+from zoo.kernels.checks import triton_interpreting
 
 try:
     import triton
@@ -463,10 +464,6 @@ if tl is not None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def contiguous_segment_ranks(
     segment_ids: Tensor, batch: int, check_range: bool = False
 ) -> tuple[Tensor, int] | None:
@@ -501,7 +498,7 @@ def ponet_pool_supports(q: Tensor) -> str | None:
     """Why the kernels cannot take ``q`` (``None`` if they can)."""
     if triton is None:
         return "the triton package is not installed"
-    if not q.is_cuda and not _interpreting():
+    if not q.is_cuda and not triton_interpreting():
         return f"the kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}"
     if q.dtype not in _DTYPES:
         return f"the kernels take float16, bfloat16 or float32, got {q.dtype}"

@@ -33,11 +33,12 @@ one fewer than the reference. Integer-valued or well-separated scores give the s
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from zoo.kernels.checks import triton_interpreting
 
 __all__ = ["kept_lists", "threshold_select", "threshold_select_reference", "threshold_select_triton"]
 
@@ -178,10 +179,6 @@ def threshold_select_reference(
 
 
 # ----------------------------------------------------------------------------------- triton
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _threshold_select_kernel(
     SCORES,
     ALLOWED,
@@ -301,7 +298,7 @@ _KERNELS: dict[bool, Any] = {}
 
 
 def _kernel() -> Any:
-    interpret = _interpreting()
+    interpret = triton_interpreting()
     if interpret not in _KERNELS:
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
@@ -326,7 +323,7 @@ def threshold_select_triton(
     if triton is None:
         raise RuntimeError("threshold_select_triton: Triton is not installed")
     tau = _check_inputs(scores, allowed, forced, tau, rule)
-    if not scores.is_cuda and not _interpreting():
+    if not scores.is_cuda and not triton_interpreting():
         raise ValueError(
             f"scores: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got {scores.device}"
         )
@@ -359,7 +356,7 @@ def threshold_select_triton(
     if num_rows == 0:
         return counts, ids
     block = max(16, triton.next_power_of_2(num_k_blocks))
-    launch: dict[str, Any] = {} if _interpreting() else {"num_warps": max(1, min(16, block // 256))}
+    launch: dict[str, Any] = {} if triton_interpreting() else {"num_warps": max(1, min(16, block // 256))}
     _kernel()[(num_rows,)](
         scores5,
         allowed5,
