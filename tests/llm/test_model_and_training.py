@@ -192,6 +192,9 @@ def test_eval_prefill_and_pattern_search_commands_run_on_the_trained_model(train
     assert (
         main(["-q", "train", "minference-config", *common, "--block-size", "16", "--out", str(config)]) == 0
     )
+    thresholds = tmp_path / "thresholds.json"
+    tau_args = ["--block-size", "16", "--stride", "4", "--samples", "2", "--out", str(thresholds)]
+    assert main(["-q", "train", "xattention-thresholds", *common, *tau_args]) == 0
     method_config = json.dumps(
         {
             "xattention": {"block_size": 16, "stride": 4},
@@ -201,6 +204,7 @@ def test_eval_prefill_and_pattern_search_commands_run_on_the_trained_model(train
     )
     args = ["-q", "eval", "prefill", *common, "--methods", "xattention", "pbs", "minference_block_sparse"]
     args += ["--method-config", method_config, "--minference-config", str(config), "--needle-trials", "1"]
+    args += ["--xattention-config", str(thresholds)]
     args += [
         "--needle-length",
         "128",
@@ -218,6 +222,7 @@ def test_eval_prefill_and_pattern_search_commands_run_on_the_trained_model(train
         "pbs",
         "minference_block_sparse",
         "minference_searched",
+        "xattention_profiled",
     }
     assert set(result["synthetic"]["methods"]) == {"xattention", "pbs", "minference_block_sparse"}
     assert all(len(row["layers"]) == 2 for row in result["lm"]["methods"].values())

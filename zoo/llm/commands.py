@@ -4,6 +4,7 @@
     zoo train lm                 train the small Llama-style LM (resumable, wall-clock budget)
     zoo eval prefill             sparse prefill vs dense: per layer/head stats, perplexity, needle, synthetic
     zoo train minference-config  MInference's per-head pattern search -> JSON config
+    zoo train xattention-thresholds  XAttention's per-head threshold profiling -> JSON config
 
 Only argparse is imported here; the work imports live inside the handlers.
 """
@@ -146,6 +147,8 @@ def _methods(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, Any]]]:
             methods[name][1].update(cfg)
     if args.minference_config:
         methods["minference_searched"] = ("minference", {"config_path": args.minference_config})
+    if args.xattention_config:
+        methods["xattention_profiled"] = ("xattention", {"config_path": args.xattention_config})
     return methods
 
 
@@ -246,6 +249,50 @@ def cmd_minference_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_sequences(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    """``--samples`` windows of ``--seq-len`` tokens spread over the training split (or ``--text``)."""
+    from zoo.llm.corpus import load_token_file
+
+    if args.text or not args.data:
+        tokens = _text_tokens(args, tokenizer)
+    else:
+        path = Path(args.data) / "train.bin"
+        if not path.is_file():
+            raise FileNotFoundError(f"--data: no train.bin in {args.data} (the calibration text)")
+        tokens = load_token_file(path)[args.offset :].astype("int64").tolist()
+    span = len(tokens) - args.seq_len
+    if span < 0:
+        raise ValueError(f"--seq-len: the text has {len(tokens)} tokens, expected at least {args.seq_len}")
+    starts = [round(span * i / max(args.samples - 1, 1)) for i in range(args.samples)]
+    return [tokens[s : s + args.seq_len] for s in starts]
+
+
+def cmd_xattention_thresholds(args: argparse.Namespace) -> int:
+    import torch
+
+    from zoo.llm.threshold_profile import profile_model_thresholds, save_threshold_config
+
+    if args.samples < 1:
+        raise ValueError(f"--samples: expected at least 1, got {args.samples}")
+    model, tokenizer, device = _load_model_and_tokenizer(args)
+    sequences = [torch.tensor([seq], device=device) for seq in _calibration_sequences(args, tokenizer)]
+    config = profile_model_thresholds(
+        model,
+        sequences,
+        block_size=args.block_size,
+        stride=args.stride,
+        coverage=args.coverage,
+        model_name=args.checkpoint or args.model,
+    )
+    path = save_threshold_config(config, args.out)
+    table = torch.tensor(config["thresholds"])
+    print(
+        f"wrote {path}: {config['num_layers']} layers x {config['num_heads']} heads, thresholds mean "
+        f"{table.mean():.3f} (min {table.min():.3f}, max {table.max():.3f})"
+    )
+    return 0
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="zoo_llama_9m.kjv_gcide", help="registered arch or arch.tag (default: %(default)s)"
@@ -317,6 +364,9 @@ def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
         "--method-config", help='JSON per-method settings, e.g. \'{"xattention": {"threshold": 0.95}}\''
     )
     p.add_argument("--minference-config", help="also evaluate MInference with this searched per-head config")
+    p.add_argument(
+        "--xattention-config", help="also evaluate XAttention with these profiled per-head thresholds"
+    )
     p.add_argument("--needle-trials", type=int, default=2, help="needle numbers (x depths); 0 disables")
     p.add_argument("--needle-length", type=int, default=8192, help="tokens per needle prompt")
     p.add_argument(
@@ -342,6 +392,25 @@ def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(func=cmd_minference_config)
+
+    p = train.add_parser(
+        "xattention-thresholds", help="XAttention per-head threshold profiling -> JSON config"
+    )
+    _model_arguments(p)
+    p.set_defaults(seq_len=4096)
+    p.add_argument(
+        "--samples", type=int, default=4, help="calibration windows from train.bin (default: %(default)s)"
+    )
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--stride", type=int, default=8)
+    p.add_argument(
+        "--coverage",
+        type=float,
+        default=0.9,
+        help="share of true attention mass each row's needed blocks hold (default: %(default)s)",
+    )
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.set_defaults(func=cmd_xattention_thresholds)
 
 
 def demo(args: argparse.Namespace) -> None:

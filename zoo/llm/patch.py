@@ -244,10 +244,13 @@ def _register() -> None:
 def _per_layer_methods(
     method: str, num_layers: int, layer_ids: list[int], cfg: dict[str, Any], config_path: str | Path | None
 ) -> dict[int, nn.Module | None]:
+    if config_path is not None and method == "xattention":
+        return _xattention_from_config(num_layers, layer_ids, cfg, config_path)
     if config_path is not None:
         if method != "minference":
             raise ValueError(
-                f"config_path: only method='minference' reads a pattern config, got method={method!r}"
+                f"config_path: only method='minference' (pattern config) and 'xattention' (threshold "
+                f"config) read a config, got method={method!r}"
             )
         from zoo.llm.pattern_search import load_pattern_config
 
@@ -262,6 +265,30 @@ def _per_layer_methods(
             i: build_method("minference", pattern=layers_cfg[i], block_size=block, **cfg) for i in layer_ids
         }
     return {i: build_method(method, **cfg) for i in layer_ids}
+
+
+def _xattention_from_config(
+    num_layers: int, layer_ids: list[int], cfg: dict[str, Any], config_path: str | Path
+) -> dict[int, nn.Module | None]:
+    """One :class:`~zoo.layers.XAttention` per layer with its profiled per-head thresholds."""
+    from zoo.llm.threshold_profile import load_threshold_config
+
+    config = load_threshold_config(config_path)
+    table = config["thresholds"]
+    if len(table) != num_layers:
+        raise ValueError(f"config_path: {config_path} has {len(table)} layers, the model has {num_layers}")
+    if "threshold" in cfg:
+        raise ValueError("threshold: the config at config_path gives the thresholds; pass one or the other")
+    for key in ("block_size", "stride"):
+        if key in cfg and cfg[key] != config[key]:
+            raise ValueError(
+                f"{key}: the thresholds in {config_path} were profiled with {key}={config[key]}, got {cfg[key]}"
+            )
+        cfg[key] = config[key]
+    return {
+        i: build_method("xattention", threshold=torch.tensor(table[i], dtype=torch.float32), **cfg)
+        for i in layer_ids
+    }
 
 
 def sparse_prefill(
@@ -288,7 +315,8 @@ def sparse_prefill(
     min_prefill:
         Calls with fewer new queries stay dense (short prompts gain nothing).
     config_path:
-        MInference per-head pattern JSON written by ``zoo train minference-config``.
+        MInference per-head pattern JSON written by ``zoo train minference-config``, or XAttention
+        per-head thresholds written by ``zoo train xattention-thresholds``.
     recorder:
         Called as ``recorder(layer_idx, q, k, v, mask, out, causal, scale)`` after each sparse call.
     **cfg:
