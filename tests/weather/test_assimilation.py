@@ -388,7 +388,8 @@ def test_osse_sample_is_a_ready_case(tmp_path):
     assert 0.05 < observed.mean() < 0.15
     # observations are the truth plus errors of the stated size
     diff = (obs.geopotential.values - truth.geopotential.values)[observed]
-    assert 5.0 < diff.std() < 40.0
+    stated = osse.OBSERVATION_ERROR_STD["geopotential"]
+    assert 0.8 * stated < diff.std() < 1.2 * stated
     layout = case["layout"]
     oi = OptimalInterpolation(
         layout,

@@ -142,3 +142,30 @@ def test_files_are_written_without_netcdf4(tmp_path, monkeypatch):
         assert f.read(3) == b"CDF"  # netCDF3 classic
     ds = xr.load_dataset(path)
     assert ds.sizes["time"] == 2 and int(ds.level[0]) == 500
+
+
+@pytest.mark.slow
+def test_forced_model_keeps_its_weather_for_months():
+    """After the transient, the default forcing sustains eddies (the old weak forcing let them die out)."""
+    from zoo.weather.nature_run import default_time_step
+
+    cfg = ShallowWaterConfig(nlat=32, nlon=64, dt=default_time_step(32))
+    model = ShallowWaterModel(cfg)
+    state, history = model.random_state(1, seed=1), {}
+    day = torch.zeros(1, dtype=torch.float64)
+    per_output = round(6 * 3600 / cfg.dt)
+    grids = []
+    for output in range(300 * 4):
+        for _ in range(per_output):
+            state = model.step(state, history, day)
+            day = day + cfg.dt / 86400
+        if output >= 200 * 4:
+            grids.append(model.to_grid(state)[0])
+    states = torch.stack(grids)  # days 200-300: (time, 3, lat, lon)
+    assert bool(torch.isfinite(states).all())
+    weights = torch.cos(torch.deg2rad(torch.as_tensor(model.sh.latitude)))[:, None]
+    weights = weights / weights.mean()
+    change_6h = (((states[1:] - states[:-1]) ** 2) * weights).mean((0, 2, 3)).sqrt()
+    eddies = (((states - states.mean(-1, keepdim=True)) ** 2) * weights).mean((0, 2, 3)).sqrt()
+    assert float(change_6h[0]) > 200.0, change_6h  # geopotential, m^2/s^2 (decayed flow: < 25)
+    assert float(eddies[1]) > 5.0, eddies  # eddy u, m/s (decayed flow: < 0.3)

@@ -167,7 +167,7 @@ def register(top: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser("nature", help="generate the shallow-water nature run (resumable)")
     _common(p, out=False)
     p.add_argument("--days", type=float, default=365.0)
-    p.add_argument("--spinup-days", type=float, default=60.0)
+    p.add_argument("--spinup-days", type=float, default=180.0)
     p.add_argument("--years", type=int, nargs="+", default=[2001, 2002, 2003, 2004])
     p.set_defaults(func=cmd_nature)
 
@@ -196,7 +196,7 @@ def register(top: argparse._SubParsersAction, groups: dict) -> None:
     _common(p)
     p.add_argument("--budget-minutes", type=float, default=8.0)
     p.add_argument("--days", type=float, default=365.0)
-    p.add_argument("--spinup-days", type=float, default=60.0)
+    p.add_argument("--spinup-days", type=float, default=180.0)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--cycles", type=int, default=240)
     p.add_argument("--forecaster-arch", default="fengwu_lite_osse_64x128")

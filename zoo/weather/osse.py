@@ -7,8 +7,8 @@ and backgrounds come from a forecaster. Years 2001-2003 train, 2004 is held out.
 
 ``sample(obs_fraction=0.1, seed=0)`` returns ``{"truth", "background", "observations"}`` for one
 held-out time: a quick way to try ``zoo.weather.assimilate``. Its nature run is generated on
-first use into ``$ZOO_CACHE/weather`` (a few days after a spin-up; about a minute on a CPU at
-64x128); the background comes from a trained forecaster when one is given or shipped, else
+first use into ``$ZOO_CACHE/weather`` (a few days after a spin-up; one to two minutes on a CPU
+at 64x128); the background comes from a trained forecaster when one is given or shipped, else
 from persistence (the truth 6 hours earlier), and says which in its attributes.
 """
 
@@ -39,8 +39,10 @@ __all__ = [
 
 TRAIN_YEARS = (2001, 2002, 2003)
 TEST_YEAR = 2004
-# observation errors of the OSSE (data units): about 2 m of height and 1 m/s of wind
-OBSERVATION_ERROR_STD = {"geopotential": 20.0, "u_component_of_wind": 1.0, "v_component_of_wind": 1.0}
+# observation errors of the OSSE (data units): about 40 m of height and 2 m/s of wind, 0.3x the
+# nature run's RMS 6-hourly change at 64 x 128 for every variable (~1.3e3 m^2/s^2, ~7 m/s), as
+# radiosonde errors are against real 500 hPa weather
+OBSERVATION_ERROR_STD = {"geopotential": 400.0, "u_component_of_wind": 2.0, "v_component_of_wind": 2.0}
 
 
 def cache_dir() -> Path:

@@ -37,6 +37,7 @@ import torch
 
 from zoo.progress import get_logger
 from zoo.weather.grid import Normalisation
+from zoo.weather.nature_run import SPINUP_DAYS
 from zoo.weather.osse import OBSERVATION_ERROR_STD, TEST_YEAR, TRAIN_YEARS, load_years, osse_layout
 
 __all__ = ["evaluate", "evaluation_minutes", "run_all", "run_nature", "train_adas", "train_forecaster"]
@@ -61,7 +62,7 @@ def run_nature(
     nlat: int = 64,
     nlon: int = 128,
     days: float = 365.0,
-    spinup_days: float = 60.0,
+    spinup_days: float = SPINUP_DAYS,
     device: str | None = None,
     years: Sequence[int] = (*TRAIN_YEARS, TEST_YEAR),
 ) -> dict[str, Any]:
@@ -686,7 +687,7 @@ def run_all(
     nlat: int = 64,
     nlon: int = 128,
     days: float = 365.0,
-    spinup_days: float = 60.0,
+    spinup_days: float = SPINUP_DAYS,
     samples: int = 16,
     cycles: int = 240,
     device: str | None = None,
