@@ -7,7 +7,8 @@
 - ``zoo eval prefill``: density, coverage, output error, perplexity and needle retrieval of every
   method against dense attention (:mod:`zoo.llm.harness`).
 - ``zoo train minference-config``: MInference's offline per-head pattern search
-  (:mod:`zoo.llm.pattern_search`).
+  (:mod:`zoo.llm.pattern_search`); ``zoo train xattention-thresholds``: XAttention's per-head
+  threshold profiling (:mod:`zoo.llm.threshold_profile`).
 
 Importing this package registers the models; transformers is imported only when a model is
 built or a model is patched.
