@@ -16,7 +16,6 @@ searches them all; ``save_pattern_config`` / ``load_pattern_config`` write and r
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zoo.llm.configs import read_json_config, write_json_config
 from zoo.progress import get_logger
 
 __all__ = [
@@ -157,25 +157,14 @@ def search_model_patterns(
 
 
 def save_pattern_config(config: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=1))
-    return path
+    return write_json_config(config, path)
 
 
 def load_pattern_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a config written by :func:`save_pattern_config` (one list of heads per layer)."""
     from zoo.layers import MInference
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config_path: no such file {path}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config_path: {path} is not JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("kind") != CONFIG_KIND:
-        raise ValueError(f"config_path: expected a MInference pattern config ({CONFIG_KIND!r}), got {path}")
+    config = read_json_config(path, CONFIG_KIND, "a MInference pattern config")
     layers = config.get("layers")
     if (
         not isinstance(layers, list)

@@ -24,7 +24,6 @@ read the JSON that ``zoo.llm.sparse_prefill(model, "xattention", config_path=...
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from zoo.llm.configs import read_json_config, write_json_config
 from zoo.progress import get_logger, progress
 
 __all__ = [
@@ -176,25 +176,12 @@ def profile_model_thresholds(
 
 
 def save_threshold_config(config: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=1))
-    return path
+    return write_json_config(config, path)
 
 
 def load_threshold_config(path: str | Path) -> dict[str, Any]:
     """Read and validate a config written by :func:`save_threshold_config`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config_path: no such file {path}")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"config_path: {path} is not JSON ({err})") from None
-    if not isinstance(config, dict) or config.get("kind") != CONFIG_KIND:
-        raise ValueError(
-            f"config_path: expected an XAttention threshold config ({CONFIG_KIND!r}), got {path}"
-        )
+    config = read_json_config(path, CONFIG_KIND, "an XAttention threshold config")
     table = config.get("thresholds")
     if (
         not isinstance(table, list)
