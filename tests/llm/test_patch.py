@@ -120,7 +120,9 @@ def test_bad_arguments_raise_clear_errors(tiny_llama, tmp_path):
         sparse_prefill(tiny_llama, "flash")
     with pytest.raises(ValueError, match="layer indices"):
         sparse_prefill(tiny_llama, "xattention", layers=[0, 5])
-    with pytest.raises(ValueError, match="config_path"):
+    with pytest.raises(ValueError, match="config_path: only method='minference'"):
+        sparse_prefill(tiny_llama, "pbs", config_path=tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="config_path: no such file"):
         sparse_prefill(tiny_llama, "xattention", config_path=tmp_path / "x.json")
     with pytest.raises(ValueError, match="threshold"):
         sparse_prefill(tiny_llama, "xattention", threshold=2.0)
