@@ -281,7 +281,11 @@ def test_commands_end_to_end(tmp_path, capsys):
     assert main(["-q", *args]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["eval"]["by_fraction"]) == {"0.1", "0.01", "0.001"}
-    assert results["eval"]["cycling"]["cycles"] == 3 and results["eval"]["cycling"]["finite"]
+    cycling = results["eval"]["cycling"]
+    assert cycling["cycles"] == 3 and cycling["adas"]["finite"] and cycling["oi"]["finite"]
+    # both cycles are scored against the same climatology bound
+    assert set(cycling["adas"]["rmse_last_30_days"]) == set(cycling["climatology_rmse_last_30_days"])
+    assert isinstance(cycling["oi"]["diverged"], bool)
     assert results["eval_reserve_minutes"] == pytest.approx(evaluation_minutes(3))
     # the Adas increment scale is the innovation's standard deviation, sqrt(sigma_b^2 + sigma_o^2)
     adas_meta = json.loads((out / "adas.json").read_text())

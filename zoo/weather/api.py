@@ -615,7 +615,7 @@ class _TensorCycles:
                             analysis = analysis[0].to(device=device, dtype=self.dtype)
                         else:
                             analysis = self.assimilator.analyse_tensor(
-                                background.to(device="cpu", dtype=torch.float64), obs, mask, lat, lon
+                                background.to(torch.float64), obs, mask, lat, lon
                             )
                             analysis = analysis.to(device=device, dtype=self.dtype)
                         background_nan.append(torch.isnan(background).any())

@@ -106,10 +106,15 @@ class OptimalInterpolation:
         latitude: Sequence[float],
         longitude: Sequence[float],
     ) -> torch.Tensor:
-        """``(C, H, W)`` background, observations and 0/1 mask (data units) -> analysis ``(C, H, W)``."""
+        """``(C, H, W)`` background, observations and 0/1 mask (data units) -> analysis ``(C, H, W)``.
+
+        Computed in float64 on the background's device.
+        """
         C, H, W = background.shape
-        lat = torch.tensor(np.array(latitude, dtype=float), dtype=torch.float64)
-        lon = torch.tensor(np.array(longitude, dtype=float), dtype=torch.float64)
+        device = background.device
+        observation, mask = observation.to(device), mask.to(device)
+        lat = torch.tensor(np.array(latitude, dtype=float), dtype=torch.float64, device=device)
+        lon = torch.tensor(np.array(longitude, dtype=float), dtype=torch.float64, device=device)
         glat = lat[:, None].expand(H, W).reshape(-1)
         glon = lon[None, :].expand(H, W).reshape(-1)
         out = background.double().clone()
@@ -128,7 +133,7 @@ class OptimalInterpolation:
             ratio = (self.sigma_o[c] / self.sigma_b[c]) ** 2
             innovation = observation[c].reshape(-1)[where].double() - out[c].reshape(-1)[where]
             system = corr_oo + max(ratio, 1e-6) * torch.eye(
-                n, dtype=torch.float64
+                n, dtype=torch.float64, device=device
             )  # floor keeps near-duplicate points solvable
             weights = torch.linalg.solve(system, innovation)
             out[c] += (corr_go @ weights).view(H, W)
