@@ -40,7 +40,15 @@ from zoo.weather.grid import Normalisation
 from zoo.weather.nature_run import SPINUP_DAYS
 from zoo.weather.osse import OBSERVATION_ERROR_STD, TEST_YEAR, TRAIN_YEARS, load_years, osse_layout
 
-__all__ = ["evaluate", "evaluation_minutes", "run_all", "run_nature", "train_adas", "train_forecaster"]
+__all__ = [
+    "ReplayBuffer",
+    "evaluate",
+    "evaluation_minutes",
+    "run_all",
+    "run_nature",
+    "train_adas",
+    "train_forecaster",
+]
 
 log = get_logger("zoo.weather.train")
 FRACTIONS = (0.1, 0.01, 0.001)
@@ -137,6 +145,44 @@ class _TrainingState:
             self.save(step)
 
 
+class ReplayBuffer:
+    """FengWu's replay buffer (arXiv 2304.02948): the forecaster's own predictions as later inputs.
+
+    Every training prediction for time ``t + 1`` (from a true or a replayed input pair) goes
+    in, paired with the state before it, as long as its lead (steps since the last true
+    state) is at most ``max_lead``; a replayed sample asks the model for the truth one step
+    after its pair. So the model learns to correct the errors of its own forecasts, which is
+    what a free run and a cycle of forecasts feed it. Entries are overwritten oldest first.
+    """
+
+    def __init__(self, capacity: int, max_lead: int, generator: torch.Generator):
+        if capacity < 1 or max_lead < 1:
+            raise ValueError(f"capacity, max_lead: expected >= 1, got {capacity}, {max_lead}")
+        self.capacity, self.max_lead, self.generator = capacity, max_lead, generator
+        self.pairs: list[torch.Tensor] = []  # (2, C, H, W) normalised: (state at t - 1, state at t)
+        self.keys: list[tuple[int, int, int]] = []  # (year, t, lead of the state at t)
+        self.next = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def push(self, pair: torch.Tensor, year: int, t: int, lead: int, year_length: int) -> None:
+        """Keep ``pair`` (ending at time ``t``) if its lead is within bounds and ``t + 1`` exists."""
+        if lead > self.max_lead or t + 1 >= year_length:
+            return
+        entry = (pair.detach(), (year, t, lead))
+        if len(self.pairs) < self.capacity:
+            self.pairs.append(entry[0])
+            self.keys.append(entry[1])
+        else:
+            self.pairs[self.next], self.keys[self.next] = entry
+            self.next = (self.next + 1) % self.capacity
+
+    def sample(self, n: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        picks = torch.randint(len(self.pairs), (n,), generator=self.generator).tolist()
+        return torch.stack([self.pairs[i] for i in picks]), [self.keys[i] for i in picks]
+
+
 def train_forecaster(
     data: str | Path,
     out: str | Path,
@@ -150,8 +196,21 @@ def train_forecaster(
     device: str | None = None,
     seed: int = 0,
     overrides: dict | None = None,
+    replay_fraction: float = 0.5,
+    replay_start: float = 0.3,
+    replay_max_lead: int = 20,
+    replay_capacity: int = 1024,
 ) -> dict[str, Any]:
-    """Train the 6-hour forecaster on the training years; resumable from ``out/forecaster_train.pt``."""
+    """Train the 6-hour forecaster on the training years; resumable from ``out/forecaster_train.pt``.
+
+    From ``replay_start`` of the budget on, ``replay_fraction`` of every batch comes from a
+    :class:`ReplayBuffer` of the model's own forecasts up to ``replay_max_lead`` steps (5 days)
+    ahead, as in FengWu, so that long rollouts and cycling do not drift; 0 turns it off.
+    """
+    if not 0.0 <= replay_fraction < 1.0 or not 0.0 <= replay_start <= 1.0:
+        raise ValueError(
+            f"replay_fraction, replay_start: expected [0, 1) and [0, 1], got {replay_fraction}, {replay_start}"
+        )
     from zoo.weather import create_model
 
     data, out = Path(data), Path(out)
@@ -169,21 +228,30 @@ def train_forecaster(
     state = _TrainingState(out / "forecaster_train.pt", model, opt)
     step0 = state.resume(dev, "forecaster")
     gen = torch.Generator(device="cpu").manual_seed(seed + step0)
+    replay = ReplayBuffer(replay_capacity, replay_max_lead, gen)
     amp = dev.type == "cuda"
     losses = []
     model.train()
     for step, done in _budget_loop(minutes, max_steps, step0):
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, done, lr)
-        which = torch.randint(len(years), (batch,), generator=gen)
-        x, y = [], []
-        for w in which.tolist():
+        replayed = int(round(batch * replay_fraction)) if done >= replay_start and len(replay) >= batch else 0
+        keys, x = [], []
+        for w in torch.randint(len(years), (batch - replayed,), generator=gen).tolist():
             t = int(torch.randint(1, years[w].shape[0] - 1, (1,), generator=gen))
+            keys.append((w, t, 0))
             x.append(years[w][t - 1 : t + 1])
-            y.append(years[w][t + 1])
-        x, y = torch.stack(x), torch.stack(y)
+        if replayed:
+            pairs, replay_keys = replay.sample(replayed)
+            x.extend(pairs.unbind(0))
+            keys.extend(replay_keys)
+        x = torch.stack(x)
+        y = torch.stack([years[w][t + 1] for w, t, _ in keys])
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             pred = model(x)
+        if replay_fraction > 0:
+            for i, (w, t, lead) in enumerate(keys):
+                replay.push(torch.stack([x[i, 1], pred[i].float()]), w, t + 1, lead + 1, years[w].shape[0])
         loss = torch.nn.functional.mse_loss(pred.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,6 +272,7 @@ def train_forecaster(
         "history": 2,
         "steps": final_step,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "replay": {"fraction": replay_fraction, "start": replay_start, "max_lead": replay_max_lead},
         "metrics": metrics,
     }
     _save_model(out, "forecaster", model, meta)
@@ -213,19 +282,15 @@ def train_forecaster(
 
 
 def _forecast_skill(
-    model, norm: Normalisation, test: torch.Tensor, layout, dev, samples: int = 64
+    model, norm: Normalisation, test: torch.Tensor, layout, dev, samples: int = 64, lead: int = 20
 ) -> dict[str, Any]:
-    """6-hour forecast RMSE (area-weighted, per variable) on the held-out year, against persistence."""
+    """Area-weighted RMSE per variable on the held-out year: the 6-hour forecast against
+    persistence, and the free forecast ``lead`` steps (5 days) ahead against climatology's
+    stand-in, the held-out year's mean state."""
     from zoo.weather.metrics import latitude_weights
 
-    idx = np.linspace(2, test.shape[0] - 2, samples).astype(int)
-    x = torch.stack([test[i - 2 : i] for i in idx]).to(dev)
-    truth = test[idx].to(dev)
-    model.eval()
-    with torch.no_grad():
-        preds = torch.cat(
-            [norm.denormalise(model(norm.normalise(x[i : i + 16]))) for i in range(0, len(idx), 16)]
-        )
+    lead = max(1, min(lead, test.shape[0] - 3))  # short test years (smoke runs)
+    idx = np.linspace(2, test.shape[0] - 1 - lead, samples).astype(int)
     import xarray as xr
 
     w = torch.as_tensor(
@@ -234,13 +299,24 @@ def _forecast_skill(
         dtype=torch.float32,
     )
 
-    def rmse(a):
+    def rmse(a, truth):
         return (((a - truth) ** 2) * w[:, None]).mean((2, 3)).mean(0).sqrt().tolist()
 
+    model.eval()
+    state = norm.normalise(torch.stack([test[i - 2 : i] for i in idx]).to(dev))
+    with torch.no_grad():
+        for step in range(lead):
+            nxt = torch.cat([model(state[i : i + 16]) for i in range(0, len(idx), 16)])
+            state = torch.stack([state[:, 1], nxt], dim=1)
+            if step == 0:
+                six_hours = norm.denormalise(nxt)
     names = layout.channel_names()
+    at = lambda k: test[idx + k].to(dev)  # noqa: E731
     return {
-        "rmse_6h": dict(zip(names, rmse(preds))),
-        "rmse_persistence": dict(zip(names, rmse(x[:, -1]))),
+        "rmse_6h": dict(zip(names, rmse(six_hours, at(0)))),
+        "rmse_persistence": dict(zip(names, rmse(test[idx - 1].to(dev), at(0)))),
+        f"rmse_{lead}_steps": dict(zip(names, rmse(norm.denormalise(state[:, 1]), at(lead - 1)))),
+        "rmse_year_mean": dict(zip(names, rmse(test.mean(0, keepdim=True).to(dev), at(lead - 1)))),
     }
 
 
