@@ -40,6 +40,7 @@ def cmd_forecaster(args: argparse.Namespace) -> int:
         args.nlat,
         args.nlon,
         args.device,
+        replay_fraction=args.replay_fraction,
     )
     print(json.dumps(result.get("metrics", {}), indent=1))
     return 0
@@ -178,6 +179,13 @@ def register(top: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--max-steps", type=int, default=20000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=0.5,
+        help="share of each batch from the replay buffer of the model's own forecasts, from 30%% of the "
+        "budget on; 0 turns it off (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_forecaster)
 
     p = sub.add_parser("adas", help="train Adas on backgrounds from the forecaster's cycling")
