@@ -169,3 +169,16 @@ def test_forced_model_keeps_its_weather_for_months():
     eddies = (((states - states.mean(-1, keepdim=True)) ** 2) * weights).mean((0, 2, 3)).sqrt()
     assert float(change_6h[0]) > 200.0, change_6h  # geopotential, m^2/s^2 (decayed flow: < 25)
     assert float(eddies[1]) > 5.0, eddies  # eddy u, m/s (decayed flow: < 0.3)
+
+
+def test_existing_nature_run_from_other_settings_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from zoo.weather.nature_run import default_time_step
+
+    kwargs = dict(years=(2004,), nlat=16, nlon=32, days=0.5, spinup_days=0.25, show_progress=False)
+    (path,) = generate_nature_run(tmp_path, **kwargs)
+    assert generate_nature_run(tmp_path, **kwargs) == [path]  # same settings: reused
+    other = replace(ShallowWaterConfig(nlat=16, nlon=32, dt=default_time_step(16)), relax_days=3.0)
+    with pytest.raises(ValueError, match="relax_days differ"):
+        generate_nature_run(tmp_path, config=other, **kwargs)

@@ -157,6 +157,25 @@ class CudaGraphStep:
         return {"count": 2, "prev": self.prev, "prev2": self.prev2}
 
 
+def _check_existing_config(paths: Sequence[Path], config: dict) -> None:
+    """Refuse nature-run files that this module wrote with other model settings (e.g. an older forcing)."""
+    import xarray as xr
+
+    for path in paths:
+        with xr.open_dataset(path) as ds:
+            written = ds.attrs.get("config")
+        if written is None:  # not written by this module: taken as it is
+            continue
+        found = json.loads(written).get("config")
+        if found is not None and found != json.loads(json.dumps(config)):
+            changed = sorted(k for k in set(found) | set(config) if found.get(k) != config.get(k))
+            raise ValueError(
+                f"nature run: {path} was generated with other settings ({', '.join(changed)} differ: "
+                f"{ {k: found.get(k) for k in changed} } there, { {k: config.get(k) for k in changed} } now); "
+                "delete it or choose another directory"
+            )
+
+
 def generate_nature_run(
     directory: str | Path,
     years: Sequence[int] = (2001,),
@@ -178,12 +197,13 @@ def generate_nature_run(
     directory.mkdir(parents=True, exist_ok=True)
     years = [int(y) for y in years]
     finals = [nature_run_path(directory, y, nlat, nlon) for y in years]
-    if all(p.is_file() for p in finals):
-        log.info("nature run: %s already exist", ", ".join(p.name for p in finals))
-        return finals
     cfg = config or ShallowWaterConfig(nlat=nlat, nlon=nlon, dt=default_time_step(nlat))
     if (cfg.nlat, cfg.nlon) != (nlat, nlon):
         raise ValueError(f"config: grid {cfg.nlat}x{cfg.nlon} differs from nlat x nlon = {nlat}x{nlon}")
+    if all(p.is_file() for p in finals):
+        _check_existing_config(finals, asdict(cfg))
+        log.info("nature run: %s already exist", ", ".join(p.name for p in finals))
+        return finals
     steps_per_output = round(6 * 3600 / cfg.dt)
     if abs(steps_per_output * cfg.dt - 6 * 3600) > 1e-6:
         raise ValueError(f"config.dt: expected a divisor of 6 h, got {cfg.dt} s")

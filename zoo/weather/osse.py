@@ -14,6 +14,9 @@ from persistence (the truth 6 hours earlier), and says which in its attributes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -21,8 +24,13 @@ import numpy as np
 
 from zoo import datasets
 from zoo.weather.grid import StateLayout
-from zoo.weather.nature_run import OSSE_LAYOUT_VARIABLES, generate_nature_run, nature_run_path
-from zoo.weather.shallow_water import wb2_latitudes, wb2_longitudes
+from zoo.weather.nature_run import (
+    OSSE_LAYOUT_VARIABLES,
+    default_time_step,
+    generate_nature_run,
+    nature_run_path,
+)
+from zoo.weather.shallow_water import ShallowWaterConfig, wb2_latitudes, wb2_longitudes
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -88,7 +96,12 @@ def sample(
     from zoo.weather.observations import random_grid_observations
 
     nlat, nlon = grid
-    directory = Path(directory) if directory is not None else cache_dir() / f"sample_{nlat}x{nlon}"
+    if directory is None:
+        # the folder name carries the model settings, so a cache from other settings is never reused
+        settings = json.dumps(asdict(ShallowWaterConfig(nlat=nlat, nlon=nlon, dt=default_time_step(nlat))))
+        tag = hashlib.sha256(f"{settings} {days} {spinup_days}".encode()).hexdigest()[:8]
+        directory = cache_dir() / f"sample_{nlat}x{nlon}_{tag}"
+    directory = Path(directory)
     if not 2 <= time_index < int(days * 4):
         raise ValueError(f"time_index: expected 2 <= time_index < {int(days * 4)}, got {time_index}")
     (path,) = generate_nature_run(
