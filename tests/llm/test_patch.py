@@ -155,3 +155,32 @@ def test_other_decoder_families_patch_the_same_way(family, ids):
             sparse = model(input_ids=ids).logits
     torch.testing.assert_close(sparse, dense, rtol=0, atol=2e-5)
     assert calls == [0, 1]
+
+
+def test_capture_attention_inputs_sees_every_layer_of_a_dense_pass(tiny_llama):
+    from zoo.llm.patch import capture_attention_inputs
+
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(5))
+    seen = {}
+    capture_attention_inputs(tiny_llama, ids, lambda i, q, k, v, scale: seen.setdefault(i, (q, k, v, scale)))
+    assert sorted(seen) == [0, 1]
+    q, k, v, scale = seen[0]
+    assert q.shape == (1, 4, 40, 16) and k.shape == v.shape == (1, 2, 40, 16)  # GQA kept unrepeated
+    assert scale == pytest.approx(16**-0.5)
+    assert tiny_llama.config._attn_implementation == "sdpa"  # restored
+    # the layer's own attention on the captured inputs is what the dense model computes
+    kr, vr = (t.repeat_interleave(2, dim=1) for t in (k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    captured_out = {}
+
+    def keep_output(mod, args, out):
+        captured_out["o"] = out[0]
+
+    hook = tiny_llama.model.layers[0].self_attn.register_forward_hook(keep_output)
+    try:
+        with torch.no_grad():
+            tiny_llama(input_ids=ids)
+    finally:
+        hook.remove()
+    expected = tiny_llama.model.layers[0].self_attn.o_proj(ref.transpose(1, 2).reshape(1, 40, 64))
+    torch.testing.assert_close(captured_out["o"], expected, rtol=1e-4, atol=1e-5)

@@ -34,7 +34,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ATTENTION_NAME", "METHODS", "SparsePrefillPatch", "build_method", "sparse_prefill", "unpatch"]
+__all__ = [
+    "ATTENTION_NAME",
+    "METHODS",
+    "SparsePrefillPatch",
+    "build_method",
+    "capture_attention_inputs",
+    "sparse_prefill",
+    "unpatch",
+]
 
 ATTENTION_NAME = "zoo_sparse_prefill"
 METHODS = ("xattention", "pbs", "minference", "dense")
@@ -68,6 +76,7 @@ class _LayerState:
     method: nn.Module | None
     min_prefill: int
     recorder: Callable | None = None
+    capture: Callable | None = None
 
 
 @dataclass
@@ -193,6 +202,8 @@ def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=
     """The attention function registered as ``"zoo_sparse_prefill"`` (transformers' signature)."""
     state: _LayerState | None = getattr(module, "_zoo_sparse_prefill", None)
     n, m = query.shape[2], key.shape[2]
+    if state is not None and state.capture is not None:
+        state.capture(state.layer_idx, query, key, value, scaling)
     causal = bool(getattr(module, "is_causal", True))
     if (
         state is None
@@ -300,6 +311,7 @@ def sparse_prefill(
     min_prefill: int = 0,
     config_path: str | Path | None = None,
     recorder: Callable | None = None,
+    capture: Callable | None = None,
     **cfg: Any,
 ) -> SparsePrefillPatch:
     """Make the prefill of a transformers causal LM sparse; decoding stays dense.
@@ -319,6 +331,10 @@ def sparse_prefill(
         per-head thresholds written by ``zoo train xattention-thresholds``.
     recorder:
         Called as ``recorder(layer_idx, q, k, v, mask, out, causal, scale)`` after each sparse call.
+    capture:
+        Called as ``capture(layer_idx, q, k, v, scale)`` with the inputs of every attention call,
+        dense or sparse (offline searches read each layer's q, k, v this way; see
+        :func:`capture_attention_inputs`).
     **cfg:
         The method's hyperparameters, e.g. ``threshold=0.9``, ``block_size=64``, ``pattern=...``.
 
@@ -347,7 +363,7 @@ def sparse_prefill(
         )
     patched = []
     for idx, module in modules:
-        module._zoo_sparse_prefill = _LayerState(idx, per_layer.get(idx), int(min_prefill), recorder)
+        module._zoo_sparse_prefill = _LayerState(idx, per_layer.get(idx), int(min_prefill), recorder, capture)
         patched.append(module)
     _set_implementation(model, ATTENTION_NAME)
     handle = SparsePrefillPatch(
@@ -355,6 +371,12 @@ def sparse_prefill(
     )
     model._zoo_sparse_patch = handle
     return handle
+
+
+def capture_attention_inputs(model: nn.Module, input_ids: Tensor, capture: Callable) -> None:
+    """One dense forward pass of ``input_ids`` calling ``capture(layer_idx, q, k, v, scale)`` in every attention layer."""
+    with torch.no_grad(), sparse_prefill(model, "dense", capture=capture):
+        model(input_ids=input_ids, use_cache=False)
 
 
 def unpatch(model: nn.Module) -> None:

@@ -118,23 +118,16 @@ def search_model_patterns(
     model_name: str = "",
 ) -> dict[str, Any]:
     """Capture every layer's q, k, v on ``input_ids [1, T]`` (dense model) and search each layer."""
-    from zoo.llm.patch import sparse_prefill
+    from zoo.llm.patch import capture_attention_inputs
 
     seq_len = int(input_ids.shape[1])
     candidates = default_candidates(seq_len, block_size) if candidates is None else candidates
     captured: dict[int, tuple[Tensor, Tensor, Tensor, float | None]] = {}
 
-    def capture(layer_idx, q, k, v, mask, out, causal, scale):
+    def capture(layer_idx, q, k, v, scale):
         captured[layer_idx] = (q.detach(), k.detach(), v.detach(), scale)
 
-    # threshold 1 keeps every block: the forward pass is the dense model's, the recorder sees its tensors
-    with (
-        torch.no_grad(),
-        sparse_prefill(
-            model, "xattention", threshold=1.0, block_size=block_size, stride=16, recorder=capture
-        ),
-    ):
-        model(input_ids=input_ids, use_cache=False)
+    capture_attention_inputs(model, input_ids, capture)
     layers = []
     for idx in sorted(captured):
         q, k, v, scale = captured.pop(idx)

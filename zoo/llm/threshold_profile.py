@@ -17,8 +17,8 @@ For one attention head on one calibration sequence:
    true attention needs.
 
 The model's table is the maximum over calibration sequences. ``profile_model_thresholds``
-captures each layer of a transformers causal LM (through :func:`zoo.llm.sparse_prefill` with a
-recorder, dense) and profiles it; ``save_threshold_config`` / ``load_threshold_config`` write and
+captures each layer of a transformers causal LM in a dense forward pass
+(:func:`zoo.llm.patch.capture_attention_inputs`) and profiles it; ``save_threshold_config`` / ``load_threshold_config`` write and
 read the JSON that ``zoo.llm.sparse_prefill(model, "xattention", config_path=...)`` applies.
 """
 
@@ -127,10 +127,14 @@ def profile_model_thresholds(
     Returns the config dict (``thresholds``: one list of per-head values per layer, the maximum
     over sequences; ``per_sequence``: each sequence's mean threshold).
     """
-    from zoo.llm.patch import sparse_prefill
+    from zoo.layers import XAttention
+    from zoo.llm.patch import capture_attention_inputs
 
     if not sequences:
         raise ValueError("sequences: expected at least one calibration sequence")
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage: expected a fraction in (0, 1], got {coverage}")
+    XAttention(block_size=block_size, stride=stride)  # bad block sizes and strides fail here, before any pass
     table: Tensor | None = None
     per_sequence = []
     for input_ids in progress(
@@ -144,17 +148,10 @@ def profile_model_thresholds(
             )
         found: dict[int, Tensor] = {}
 
-        def record(layer_idx, q, k, v, mask, out, causal, scale, found=found):
+        def record(layer_idx, q, k, v, scale, found=found):
             found[layer_idx] = head_thresholds(q, k, block_size, stride, coverage, scale).cpu()
 
-        # threshold 1 keeps every block: the forward pass is the dense model's, the recorder sees its q and k
-        with (
-            torch.no_grad(),
-            sparse_prefill(
-                model, "xattention", threshold=1.0, block_size=block_size, stride=stride, recorder=record
-            ),
-        ):
-            model(input_ids=input_ids, use_cache=False)
+        capture_attention_inputs(model, input_ids, record)
         this = torch.stack([found[i] for i in sorted(found)])
         per_sequence.append(round(float(this.mean()), 5))
         table = this if table is None else torch.maximum(table, this)
