@@ -147,9 +147,9 @@ def test_files_are_written_without_netcdf4(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_forced_model_keeps_its_weather_for_months():
     """After the transient, the default forcing sustains eddies (the old weak forcing let them die out)."""
-    from zoo.weather.nature_run import default_time_step
+    from zoo.weather.nature_run import default_config
 
-    cfg = ShallowWaterConfig(nlat=32, nlon=64, dt=default_time_step(32))
+    cfg = default_config(32, 64)
     model = ShallowWaterModel(cfg)
     state, history = model.random_state(1, seed=1), {}
     day = torch.zeros(1, dtype=torch.float64)
@@ -174,11 +174,11 @@ def test_forced_model_keeps_its_weather_for_months():
 def test_existing_nature_run_from_other_settings_is_refused(tmp_path):
     from dataclasses import replace
 
-    from zoo.weather.nature_run import default_time_step
+    from zoo.weather.nature_run import default_config
 
     kwargs = dict(years=(2004,), nlat=16, nlon=32, days=0.5, spinup_days=0.25, show_progress=False)
     (path,) = generate_nature_run(tmp_path, **kwargs)
     assert generate_nature_run(tmp_path, **kwargs) == [path]  # same settings: reused
-    other = replace(ShallowWaterConfig(nlat=16, nlon=32, dt=default_time_step(16)), relax_days=3.0)
+    other = replace(default_config(16, 32), relax_days=3.0)
     with pytest.raises(ValueError, match="relax_days differ"):
         generate_nature_run(tmp_path, config=other, **kwargs)

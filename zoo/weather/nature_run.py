@@ -55,6 +55,11 @@ def default_time_step(nlat: int, semi_implicit: bool = True) -> float:
     return 6 * 3600 / steps
 
 
+def default_config(nlat: int, nlon: int) -> ShallowWaterConfig:
+    """The nature run's model settings on an ``nlat x nlon`` grid (time step from :func:`default_time_step`)."""
+    return ShallowWaterConfig(nlat=nlat, nlon=nlon, dt=default_time_step(nlat))
+
+
 def nature_run_path(directory: str | Path, year: int, nlat: int = 64, nlon: int = 128) -> Path:
     return Path(directory) / f"nature_{nlat}x{nlon}_{year}.nc"
 
@@ -197,7 +202,7 @@ def generate_nature_run(
     directory.mkdir(parents=True, exist_ok=True)
     years = [int(y) for y in years]
     finals = [nature_run_path(directory, y, nlat, nlon) for y in years]
-    cfg = config or ShallowWaterConfig(nlat=nlat, nlon=nlon, dt=default_time_step(nlat))
+    cfg = config or default_config(nlat, nlon)
     if (cfg.nlat, cfg.nlon) != (nlat, nlon):
         raise ValueError(f"config: grid {cfg.nlat}x{cfg.nlon} differs from nlat x nlon = {nlat}x{nlon}")
     if all(p.is_file() for p in finals):

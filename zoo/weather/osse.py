@@ -26,11 +26,11 @@ from zoo import datasets
 from zoo.weather.grid import StateLayout
 from zoo.weather.nature_run import (
     OSSE_LAYOUT_VARIABLES,
-    default_time_step,
+    default_config,
     generate_nature_run,
     nature_run_path,
 )
-from zoo.weather.shallow_water import ShallowWaterConfig, wb2_latitudes, wb2_longitudes
+from zoo.weather.shallow_water import wb2_latitudes, wb2_longitudes
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
@@ -98,7 +98,7 @@ def sample(
     nlat, nlon = grid
     if directory is None:
         # the folder name carries the model settings, so a cache from other settings is never reused
-        settings = json.dumps(asdict(ShallowWaterConfig(nlat=nlat, nlon=nlon, dt=default_time_step(nlat))))
+        settings = json.dumps(asdict(default_config(nlat, nlon)))
         tag = hashlib.sha256(f"{settings} {days} {spinup_days}".encode()).hexdigest()[:8]
         directory = cache_dir() / f"sample_{nlat}x{nlon}_{tag}"
     directory = Path(directory)
