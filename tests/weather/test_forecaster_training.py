@@ -12,29 +12,28 @@ from zoo.weather.train import ReplayBuffer, train_forecaster
 
 
 def pair(value: float) -> torch.Tensor:
-    return torch.full((2, 3, 4, 8), float(value))
+    return torch.full((1, 2, 3, 4, 8), float(value))
 
 
 def test_replay_buffer_keeps_leads_in_bounds_and_overwrites_oldest_first():
-    buffer = ReplayBuffer(capacity=3, max_lead=2, generator=torch.Generator().manual_seed(0))
-    buffer.push(pair(1), year=0, t=5, lead=1, year_length=10)
-    buffer.push(pair(2), year=0, t=6, lead=2, year_length=10)
-    buffer.push(pair(3), year=1, t=7, lead=3, year_length=10)  # beyond max_lead: dropped
-    buffer.push(pair(4), year=1, t=9, lead=1, year_length=10)  # no truth after t = 9: dropped
+    buffer = ReplayBuffer(
+        capacity=3, max_lead=2, year_lengths=[10, 10, 10], generator=torch.Generator().manual_seed(0)
+    )
+    # one push of four: beyond max_lead and without a truth after t = 9 are dropped
+    buffer.push(torch.cat([pair(1), pair(2), pair(3), pair(4)]), [(0, 5, 1), (0, 6, 2), (1, 7, 3), (1, 9, 1)])
     assert len(buffer) == 2 and buffer.keys == [(0, 5, 1), (0, 6, 2)]
-    buffer.push(pair(5), year=2, t=3, lead=1, year_length=10)
-    buffer.push(pair(6), year=2, t=4, lead=1, year_length=10)  # full: replaces the oldest entry
+    buffer.push(torch.cat([pair(5), pair(6)]), [(2, 3, 1), (2, 4, 1)])  # full: the second replaces the oldest
     assert buffer.keys == [(2, 4, 1), (0, 6, 2), (2, 3, 1)]
-    assert float(buffer.pairs[0][0, 0, 0, 0]) == 6.0
+    assert [float(buffer.pairs[i, 0, 0, 0, 0]) for i in range(3)] == [6.0, 2.0, 5.0]
     pairs, keys = buffer.sample(5)
     assert pairs.shape == (5, 2, 3, 4, 8)
     for p, key in zip(pairs, keys):  # each sampled pair travels with its own key
         assert float(p[0, 0, 0, 0]) == {(2, 4, 1): 6.0, (0, 6, 2): 2.0, (2, 3, 1): 5.0}[key]
     stored = pair(7).requires_grad_()
-    buffer.push(stored * 2, year=0, t=1, lead=1, year_length=10)
-    assert not buffer.pairs[1].requires_grad  # no graph kept alive between steps
-    with pytest.raises(ValueError, match="capacity"):
-        ReplayBuffer(0, 2, torch.Generator())
+    buffer.push(stored * 2, [(0, 1, 1)])
+    assert not buffer.pairs.requires_grad  # no graph kept alive between steps
+    with pytest.raises(ValueError, match="replay_capacity"):
+        ReplayBuffer(0, 2, [10], torch.Generator())
 
 
 def test_forecaster_trains_on_its_own_forecasts(tmp_path, monkeypatch):
@@ -50,9 +49,9 @@ def test_forecaster_trains_on_its_own_forecasts(tmp_path, monkeypatch):
     pushed, sampled = [], []
     original_push, original_sample = ReplayBuffer.push, ReplayBuffer.sample
 
-    def push(self, pair, year, t, lead, year_length):
-        pushed.append((year, t, lead))
-        return original_push(self, pair, year, t, lead, year_length)
+    def push(self, pairs, keys):
+        pushed.extend(keys)
+        return original_push(self, pairs, keys)
 
     def sample(self, n):
         out = original_sample(self, n)

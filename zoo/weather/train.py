@@ -152,35 +152,49 @@ class ReplayBuffer:
     in, paired with the state before it, as long as its lead (steps since the last true
     state) is at most ``max_lead``; a replayed sample asks the model for the truth one step
     after its pair. So the model learns to correct the errors of its own forecasts, which is
-    what a free run and a cycle of forecasts feed it. Entries are overwritten oldest first.
+    what a free run and a cycle of forecasts feed it. A ring of ``capacity`` slots, allocated
+    on the first push on the pairs' device and filled (oldest overwritten first) by one copy
+    per batch.
     """
 
-    def __init__(self, capacity: int, max_lead: int, generator: torch.Generator):
+    def __init__(self, capacity: int, max_lead: int, year_lengths: Sequence[int], generator: torch.Generator):
         if capacity < 1 or max_lead < 1:
-            raise ValueError(f"capacity, max_lead: expected >= 1, got {capacity}, {max_lead}")
+            raise ValueError(f"replay_capacity, replay_max_lead: expected >= 1, got {capacity}, {max_lead}")
         self.capacity, self.max_lead, self.generator = capacity, max_lead, generator
-        self.pairs: list[torch.Tensor] = []  # (2, C, H, W) normalised: (state at t - 1, state at t)
-        self.keys: list[tuple[int, int, int]] = []  # (year, t, lead of the state at t)
+        self.year_lengths = list(year_lengths)
+        self.pairs: torch.Tensor | None = None  # (capacity, 2, C, H, W): (state at t - 1, state at t)
+        self.keys: list[tuple[int, int, int]] = []  # (year, t, lead of the state at t) per filled slot
         self.next = 0
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.keys)
 
-    def push(self, pair: torch.Tensor, year: int, t: int, lead: int, year_length: int) -> None:
-        """Keep ``pair`` (ending at time ``t``) if its lead is within bounds and ``t + 1`` exists."""
-        if lead > self.max_lead or t + 1 >= year_length:
+    def push(self, pairs: torch.Tensor, keys: Sequence[tuple[int, int, int]]) -> None:
+        """Keep each pair ``(2, C, H, W)`` ending at time ``t`` whose lead is within bounds and whose ``t + 1`` exists."""
+        keep = [
+            i
+            for i, (year, t, lead) in enumerate(keys)
+            if lead <= self.max_lead and t + 1 < self.year_lengths[year]
+        ]
+        if not keep:
             return
-        entry = (pair.detach(), (year, t, lead))
-        if len(self.pairs) < self.capacity:
-            self.pairs.append(entry[0])
-            self.keys.append(entry[1])
-        else:
-            self.pairs[self.next], self.keys[self.next] = entry
-            self.next = (self.next + 1) % self.capacity
+        if self.pairs is None:
+            self.pairs = pairs.new_empty((self.capacity, *pairs.shape[1:]))
+        slots = []
+        for i in keep:
+            if len(self.keys) < self.capacity:
+                slots.append(len(self.keys))
+                self.keys.append(keys[i])
+            else:
+                slots.append(self.next)
+                self.keys[self.next] = keys[i]
+                self.next = (self.next + 1) % self.capacity
+        index = torch.tensor(slots, device=pairs.device)
+        self.pairs.index_copy_(0, index, pairs.detach()[torch.tensor(keep, device=pairs.device)])
 
     def sample(self, n: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        picks = torch.randint(len(self.pairs), (n,), generator=self.generator).tolist()
-        return torch.stack([self.pairs[i] for i in picks]), [self.keys[i] for i in picks]
+        picks = torch.randint(len(self.keys), (n,), generator=self.generator)
+        return self.pairs[picks.to(self.pairs.device)], [self.keys[i] for i in picks.tolist()]
 
 
 def train_forecaster(
@@ -228,7 +242,7 @@ def train_forecaster(
     state = _TrainingState(out / "forecaster_train.pt", model, opt)
     step0 = state.resume(dev, "forecaster")
     gen = torch.Generator(device="cpu").manual_seed(seed + step0)
-    replay = ReplayBuffer(replay_capacity, replay_max_lead, gen)
+    replay = ReplayBuffer(replay_capacity, replay_max_lead, [y.shape[0] for y in years], gen)
     amp = dev.type == "cuda"
     losses = []
     model.train()
@@ -241,17 +255,18 @@ def train_forecaster(
             t = int(torch.randint(1, years[w].shape[0] - 1, (1,), generator=gen))
             keys.append((w, t, 0))
             x.append(years[w][t - 1 : t + 1])
+        x = torch.stack(x)
         if replayed:
             pairs, replay_keys = replay.sample(replayed)
-            x.extend(pairs.unbind(0))
+            x = torch.cat([x, pairs])
             keys.extend(replay_keys)
-        x = torch.stack(x)
         y = torch.stack([years[w][t + 1] for w, t, _ in keys])
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             pred = model(x)
         if replay_fraction > 0:
-            for i, (w, t, lead) in enumerate(keys):
-                replay.push(torch.stack([x[i, 1], pred[i].float()]), w, t + 1, lead + 1, years[w].shape[0])
+            replay.push(
+                torch.stack([x[:, 1], pred.float()], dim=1), [(w, t + 1, lead + 1) for w, t, lead in keys]
+            )
         loss = torch.nn.functional.mse_loss(pred.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
