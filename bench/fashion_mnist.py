@@ -77,23 +77,39 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="part of the recipe for every model: torch.compile the model or each repeated block",
     )
     p.add_argument(
+        "--batch-size", type=int, default=None, help="part of the recipe for every model (default 256)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="part of the recipe for every model (default 1e-3)"
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="a few CPU steps on a few images (checks the plumbing)"
     )
     return p.parse_args(argv)
 
 
+def recipe(args: argparse.Namespace) -> list[str]:
+    """RECIPE with the batch size and learning rate this run asks for."""
+    overrides = {"-b": args.batch_size, "--lr": args.lr}
+    out = list(RECIPE)
+    for flag, value in overrides.items():
+        if value is not None:
+            out[out.index(flag) + 1] = str(value)
+    if args.torchcompile:
+        out += ["--torchcompile", args.torchcompile]
+    return out
+
+
 def train_command(
     model: str, run_dir: Path, args: argparse.Namespace, workers: int, resume: bool
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "zoo.vision.train", "-m", model, *RECIPE]
+    cmd = [sys.executable, "-m", "zoo.vision.train", "-m", model, *recipe(args)]
     if model in MODEL_KWARGS:
         cmd += ["--model-kwargs", *MODEL_KWARGS[model]]
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     cmd += ["--out", str(run_dir), "-j", str(workers), "--eval-every", str(args.eval_every)]
     cmd += ["--log-interval", "100"]
-    if args.torchcompile:
-        cmd += ["--torchcompile", args.torchcompile]
     if args.smoke:
         cmd += ["--epochs", "1", "--max-steps", "2", "--num-samples", "32", "--num-val-samples", "32"]
         cmd += ["-b", "8", "--device", "cpu", "--log-interval", "1"]
@@ -238,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         command="python bench/fashion_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         budget_minutes_per_model=args.budget_minutes,
         parallel=not args.sequential,
-        recipe=" ".join(RECIPE + (["--torchcompile", args.torchcompile] if args.torchcompile else [])),
+        recipe=" ".join(recipe(args)),
         rows=rows,
         wall_s=round(time.perf_counter() - started, 1),
     )

@@ -253,6 +253,23 @@ def test_module_trains_with_gqa_and_local_causal_module_is_causal():
     assert lsh(torch.randn(1, 17, 32)).shape == (1, 17, 32)
 
 
+@pytest.mark.parametrize("sparse,causal", [("lsh", False), ("local", True)])
+def test_bf16_autocast_computes_in_fp32_like_without_autocast(sparse, causal):
+    # autocast would run the score matmuls in bf16, where the masked-score fill overflows
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=gen).bfloat16() for _ in range(3))
+    proj = draw_feature_projection(16, 8, "cosh", generator=gen)
+    hv = draw_hash_vectors(1, 8)
+    kw = dict(sparse=sparse, window=8, causal=causal, projection=proj, hash_vectors=hv)
+    plain = scatterbrain_attention(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = scatterbrain_attention(q, k, v, **kw)
+        performer = performer_attention(q, k, v, proj, causal=causal, feature_map="cosh")
+    assert under_autocast.dtype == torch.bfloat16
+    assert torch.equal(under_autocast, plain)
+    assert torch.equal(performer, performer_attention(q, k, v, proj, causal=causal, feature_map="cosh"))
+
+
 def test_bad_inputs_raise_one_clear_error():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="q must be"):

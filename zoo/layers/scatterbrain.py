@@ -34,6 +34,7 @@ GQA: ``k, v`` may have fewer heads; features, contexts and key buckets are built
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -61,6 +62,18 @@ SparseKind = Literal["lsh", "local"]
 Mode = Literal["scatterbrain", "sparse", "lowrank"]
 FeatureMap = Literal["positive", "cosh"]
 FEATURE_MAPS = ("positive", "cosh")
+
+
+def _without_autocast(fn):
+    """Run ``fn`` with CPU and CUDA autocast off: it picks its own working precision (fp32 / fp64),
+    which autocast would override for the matmuls (bf16 scores overflow the masked fill)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 # ----------------------------------------------------------------------------- grouped heads
@@ -183,6 +196,7 @@ def _lowrank_terms(log_fq: Tensor, log_fk: Tensor, v_ext: Tensor, causal: bool, 
     return out, a + b
 
 
+@_without_autocast
 def performer_attention(
     q: Tensor,
     k: Tensor,
@@ -394,6 +408,7 @@ def _validate_options(
     _check_feature_map(feature_map, fn)
 
 
+@_without_autocast
 def scatterbrain_attention(
     q: Tensor,
     k: Tensor,
