@@ -81,9 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--batch-size", type=int, default=None, help="part of the recipe for every model (default 1024)"
     )
-    p.add_argument(
-        "--lr", type=float, default=None, help="part of the recipe for every model (default 2e-3)"
-    )
+    p.add_argument("--lr", type=float, default=None, help="part of the recipe for every model (default 2e-3)")
     p.add_argument(
         "--smoke", action="store_true", help="a few CPU steps on a few images (checks the plumbing)"
     )

@@ -7,9 +7,10 @@ and backgrounds come from a forecaster. Years 2001-2003 train, 2004 is held out.
 
 ``sample(obs_fraction=0.1, seed=0)`` returns ``{"truth", "background", "observations"}`` for one
 held-out time: a quick way to try ``zoo.weather.assimilate``. Its nature run is generated on
-first use into ``$ZOO_CACHE/weather`` (a few days after a spin-up; one to two minutes on a CPU
-at 64x128); the background comes from a trained forecaster when one is given or shipped, else
-from persistence (the truth 6 hours earlier), and says which in its attributes.
+first use into ``$ZOO_CACHE/weather`` (a few days after the nature run's spin-up; three to four
+minutes on a CPU at 64x128); the background comes from a trained forecaster when one is given or
+shipped for the grid, else from persistence (the truth 6 hours earlier), and says which in its
+attributes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from zoo import datasets
 from zoo.weather.grid import StateLayout
 from zoo.weather.nature_run import (
     OSSE_LAYOUT_VARIABLES,
+    SPINUP_DAYS,
     default_config,
     generate_nature_run,
     nature_run_path,
@@ -89,13 +91,22 @@ def sample(
     forecaster: Any = None,
     directory: str | Path | None = None,
     days: float = 4.0,
-    spinup_days: float = 45.0,
+    spinup_days: float | None = None,
 ) -> dict[str, Any]:
-    """One held-out OSSE case: ``{"truth", "background", "observations"}`` (and ``"layout"``)."""
+    """One held-out OSSE case: ``{"truth", "background", "observations"}`` (and ``"layout"``).
+
+    ``forecaster``: a callable forecaster, a shipped ``arch.tag`` / checkpoint, or "persistence";
+    by default the shipped OSSE forecaster of this grid when there is one, else persistence. ``spinup_days``
+    defaults to the nature run's (the flow the shipped models were trained on).
+    """
     from zoo.weather.api import load_forecaster
     from zoo.weather.observations import random_grid_observations
 
     nlat, nlon = grid
+    if spinup_days is None:
+        spinup_days = SPINUP_DAYS
+    if forecaster is None:
+        forecaster = shipped_forecaster(nlat, nlon) or "persistence"
     if directory is None:
         # the folder name carries the model settings, so a cache from other settings is never reused
         settings = json.dumps(asdict(default_config(nlat, nlon)))
@@ -118,7 +129,7 @@ def sample(
     run = xr.load_dataset(path)
     layout = osse_layout(nlat, nlon)
     truth = run.isel(time=[time_index])
-    if forecaster is not None:
+    if not (isinstance(forecaster, str) and forecaster == "persistence"):
         model = forecaster if callable(forecaster) else load_forecaster(forecaster)
         background = model(run.isel(time=slice(time_index - model.history, time_index)))
         background.attrs["background_source"] = "forecaster"
@@ -129,6 +140,17 @@ def sample(
         truth, layout, obs_fraction, seed=seed, error_std=OBSERVATION_ERROR_STD
     )
     return {"truth": truth, "background": background, "observations": observations.values, "layout": layout}
+
+
+def shipped_forecaster(nlat: int, nlon: int) -> str | None:
+    """The registered ``arch.tag`` of the shipped OSSE forecaster for this grid, or None."""
+    from zoo.registry import get_entry
+
+    try:
+        entry, _ = get_entry(f"fengwu_lite_osse_{nlat}x{nlon}")
+    except ValueError:
+        return None
+    return f"{entry.name}.{entry.default_tag}" if entry.default_tag else None
 
 
 def climatology_of(truth: xr.Dataset, window_days: int = 15) -> xr.Dataset:

@@ -29,9 +29,17 @@ def _metrics(results: dict, name: str) -> dict[str, float]:
         for frac, entry in ev.get("by_fraction", {}).items():
             for var, ratio in entry.get("adas_over_background", {}).items():
                 out[f"rmse_ratio_{var}@{float(frac) * 100:g}%"] = round(float(ratio), 4)
+        cycling = ev.get("cycling", {})
+        adas_cycle = cycling.get("adas", {})
+        for var, rmse in adas_cycle.get("rmse_last_30_days", {}).items():
+            out[f"cycle_rmse_last_30_days_{var}"] = round(float(rmse), 4)
+        if "cycles" in cycling:
+            out["cycles"] = int(cycling["cycles"])
+            out["cycle_diverged"] = bool(adas_cycle.get("diverged"))
     else:
-        skill = results.get("forecaster", {}).get("metrics", {}).get("rmse_6h", {})
-        out.update({f"rmse_6h_{k}": round(float(v), 4) for k, v in skill.items()})
+        metrics = results.get("forecaster", {}).get("metrics", {})
+        for lead in ("rmse_6h", "rmse_20_steps"):
+            out.update({f"{lead}_{k}": round(float(v), 4) for k, v in metrics.get(lead, {}).items()})
     return out
 
 
