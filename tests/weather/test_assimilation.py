@@ -407,3 +407,22 @@ def test_osse_sample_is_a_ready_case(tmp_path):
     assert float(metrics.rmse(analysis, truth).geopotential.squeeze()) < float(
         metrics.rmse(bg, truth).geopotential.squeeze()
     )
+
+
+def test_osse_sample_background_from_a_given_forecaster(tmp_path):
+    from zoo.weather import osse
+
+    class LastStateTwice:
+        history = 2
+
+        def __call__(self, states):
+            assert states.sizes["time"] == 2
+            nxt = states.isel(time=[-1]) * 2.0
+            return nxt.assign_coords(time=states.time.values[-1:] + np.timedelta64(6, "h"))
+
+    kw = dict(obs_fraction=0.1, seed=1, time_index=4, grid=(16, 32), directory=tmp_path, days=2.0, spinup_days=2.0)
+    case = osse.sample(forecaster=LastStateTwice(), **kw)
+    assert case["background"].attrs["background_source"] == "forecaster"
+    earlier = osse.sample(forecaster="persistence", **kw)["background"]  # the truth 6 h before
+    np.testing.assert_allclose(case["background"].geopotential.values, 2.0 * earlier.geopotential.values)
+    assert case["background"].time.values[0] == case["truth"].time.values[0]

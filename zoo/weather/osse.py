@@ -129,7 +129,7 @@ def sample(
     run = xr.load_dataset(path)
     layout = osse_layout(nlat, nlon)
     truth = run.isel(time=[time_index])
-    if not (isinstance(forecaster, str) and forecaster == "persistence"):
+    if forecaster != "persistence":
         model = forecaster if callable(forecaster) else load_forecaster(forecaster)
         background = model(run.isel(time=slice(time_index - model.history, time_index)))
         background.attrs["background_source"] = "forecaster"
