@@ -420,7 +420,9 @@ def test_osse_sample_background_from_a_given_forecaster(tmp_path):
             nxt = states.isel(time=[-1]) * 2.0
             return nxt.assign_coords(time=states.time.values[-1:] + np.timedelta64(6, "h"))
 
-    kw = dict(obs_fraction=0.1, seed=1, time_index=4, grid=(16, 32), directory=tmp_path, days=2.0, spinup_days=2.0)
+    kw = dict(
+        obs_fraction=0.1, seed=1, time_index=4, grid=(16, 32), directory=tmp_path, days=2.0, spinup_days=2.0
+    )
     case = osse.sample(forecaster=LastStateTwice(), **kw)
     assert case["background"].attrs["background_source"] == "forecaster"
     earlier = osse.sample(forecaster="persistence", **kw)["background"]  # the truth 6 h before
