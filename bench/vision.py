@@ -7,7 +7,8 @@ PATH/favit.py`` from github q2479036243/FaViT, ``classification/favit.py``).
 
 Measured per model (bf16 autocast, channels-last, random data, 224 px by default):
 - inference img/s at batch 256 (``torch.inference_mode``);
-- training img/s at batch 128 (forward, cross-entropy, backward, AdamW step);
+- training img/s at batch 128 (forward, cross-entropy, backward, AdamW step; the fused
+  single-kernel AdamW on CUDA, ``torch.optim.AdamW(fused=True)``, for every model);
 - parameters (M) and GMACs per image (``torch.utils.flop_counter``: matmuls, convolutions,
   attention; MAC = FLOP / 2);
 - optionally the same in other execution modes, each for the models it names:
@@ -142,6 +143,16 @@ def build(name: str, official_module=None) -> torch.nn.Module:
 MODES = ("eager", "compiled", "blocks", "graph")
 
 
+def make_optimizer(
+    model: torch.nn.Module, device: torch.device, capturable: bool = False
+) -> torch.optim.Optimizer:
+    """The benchmark's AdamW, the same for every model: fused (one kernel for all tensors) on CUDA."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        model.parameters(), lr=1e-5, weight_decay=0.05, fused=fused, capturable=capturable
+    )
+
+
 def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], None]:
     """Run ``fn`` a few times on a side stream, capture one call in a CUDA graph, return its replay."""
     stream = torch.cuda.Stream(device)
@@ -218,7 +229,7 @@ def measure(
     if mode == "compiled":
         torch._dynamo.reset()
         run_model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, capturable=mode == "graph")
+    opt = make_optimizer(model, device, capturable=mode == "graph")
     x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=memory_format)
     target = torch.randint(0, 1000, (args.train_batch,), device=device)
@@ -262,7 +273,7 @@ def profile_model(
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     x = x.contiguous(memory_format=memory_format)
     target = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5) if train else None
+    opt = make_optimizer(model, device) if train else None
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def run() -> None:
@@ -406,6 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             channels_last=not args.no_channels_last,
             warmup=args.warmup,
             iters=args.iters,
+            optimizer="AdamW(fused=True)" if device.type == "cuda" else "AdamW(foreach)",
         ),
         rows=[],
     )

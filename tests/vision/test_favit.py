@@ -381,3 +381,59 @@ def test_torch_compile_fullgraph_matches_eager():
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-5
+
+
+def test_norms_keep_the_autocast_dtype():
+    """Under autocast the norms run in its dtype (residual stream included); outside, plain LayerNorm."""
+    from zoo.vision.favit import LayerNormAutocast
+
+    norm = LayerNormAutocast(24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(3, 5, 24) * 4 + 1
+    assert torch.equal(norm(x), F.layer_norm(x, (24,), norm.weight, norm.bias, 1e-6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    want = F.layer_norm(
+        x.bfloat16().double(), (24,), norm.weight.bfloat16().double(), norm.bias.bfloat16().double()
+    )
+    assert rel_err(y, want) < 1e-2
+    y.float().sum().backward()  # gradients reach the fp32 parameters in their dtype
+    assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+
+    model = FaViT(
+        num_classes=5, embed_dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)
+    ).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model.forward_intermediates(images, intermediates_only=True)
+            logits = model(images)
+    assert all(f.dtype == torch.bfloat16 for f in features)
+    assert rel_err(logits, exact) < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_mix_ffn_equals_the_plain_path(dtype):
+    """The Triton depthwise conv + GELU path of the Mix-FFN against the cuDNN + GELU path: outputs and gradients."""
+    torch.manual_seed(0)
+    model = FaViT(num_classes=7, embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1)).cuda()
+    images = torch.randn(4, 3, 96, 128, device="cuda")
+    results = []
+    for fused in (True, False):
+        for m in model.modules():
+            if hasattr(m, "_fused_gelu"):
+                m._fused_gelu = fused
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = model(images)
+        out.float().square().mean().backward()
+        results.append((out.float(), [p.grad.clone() for p in model.parameters()]))
+    (out_fused, grads_fused), (out_plain, grads_plain) = results
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert rel_err(out_fused, out_plain) < tol
+    assert max(rel_err(a, b) for a, b in zip(grads_fused, grads_plain)) < 10 * tol

@@ -24,6 +24,9 @@ _EXPORTS = {
     "threshold_select": "threshold_select",
     "threshold_select_reference": "threshold_select",
     "threshold_select_triton": "threshold_select",
+    # Mix-FFN's depthwise 3x3 convolution + bias + GELU, fused
+    "dwconv3x3_gelu": "dwconv_gelu",
+    "dwconv3x3_gelu_reference": "dwconv_gelu",
     # PoNet's pooling mixing step (forward + backward)
     "ponet_pool_mixing": "ponet_pool",
     "ponet_pool_mixing_packed": "ponet_pool",

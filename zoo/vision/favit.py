@@ -25,12 +25,14 @@ import re
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from zoo.kernels.dwconv_gelu import dwconv3x3_gelu, dwconv3x3_gelu_supports
 from zoo.layers.fasa import FactorizationSelfAttention
 
 try:  # timm >= 1.0.4
@@ -52,8 +54,33 @@ PAPER = (
 MIN_INPUT_SIZE = 32  # smallest image side: the first stage's 8x8 reduction needs an 8x8 grid
 
 
+class LayerNormAutocast(nn.LayerNorm):
+    """LayerNorm that keeps autocast's dtype: under autocast it normalises in that dtype.
+
+    Autocast runs ``layer_norm`` in fp32, so every norm and residual add of a pre-norm network
+    moves fp32 tensors and each following layer casts them back. Here the input, weight and bias
+    are cast to the autocast dtype (the kernel still accumulates its statistics in fp32) and the
+    output keeps it, so the residual stream stays in that dtype too (what timm calls fast norm).
+    Outside autocast this is ``nn.LayerNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device_type)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+
+
 class MlpWithDepthwiseConv(nn.Module):
-    """Mix-FFN: fc1, depthwise 3x3 convolution on the token grid, GELU, fc2."""
+    """Mix-FFN: fc1, depthwise 3x3 convolution on the token grid, GELU, fc2.
+
+    On CUDA (eager) the convolution, its bias and an exact GELU run as one Triton kernel
+    (``zoo.kernels.dwconv_gelu``); under ``torch.compile`` the compiler fuses them itself.
+    """
 
     def __init__(
         self,
@@ -66,16 +93,21 @@ class MlpWithDepthwiseConv(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
         self.act = act_layer()
+        self._fused_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
         x = self.fc1(x)
         B, N, C = x.shape
-        # channels-last view of the token grid: no copy, and cuDNN runs the convolution in NHWC
-        x = self.dwconv(x.view(B, feat_size[0], feat_size[1], C).permute(0, 3, 1, 2))
-        x = x.permute(0, 2, 3, 1).reshape(B, N, C)
-        x = self.drop(self.act(x))
+        grid = x.view(B, feat_size[0], feat_size[1], C)
+        if self._fused_gelu and dwconv3x3_gelu_supports(x) and not torch.compiler.is_compiling():
+            x = dwconv3x3_gelu(grid, self.dwconv.weight, self.dwconv.bias).view(B, N, C)
+        else:
+            # channels-last view of the token grid: no copy, and cuDNN runs the convolution in NHWC
+            x = self.dwconv(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, C)
+            x = self.act(x)
+        x = self.drop(x)
         return self.drop(self.fc2(x))
 
 
@@ -126,7 +158,7 @@ class OverlapPatchEmbed(nn.Module):
         if patch_size <= stride:
             raise ValueError(f"patch_size: expected more than stride {stride}, got {patch_size}")
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNormAutocast(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -224,7 +256,7 @@ class FaViT(nn.Module):
                 raise ValueError(f"{name}: expected {num_stages} values (one per stage), got {tuple(value)}")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool: expected 'avg' or '', got {global_pool!r}")
-        norm_layer = norm_layer or (lambda d: nn.LayerNorm(d, eps=1e-6))
+        norm_layer = norm_layer or (lambda d: LayerNormAutocast(d, eps=1e-6))
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
