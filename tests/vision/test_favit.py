@@ -418,8 +418,10 @@ def test_norms_keep_the_autocast_dtype():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_fused_mix_ffn_equals_the_plain_path(dtype):
+def test_gpu_fused_mix_ffn_equals_the_plain_path(dtype, monkeypatch):
     """The Triton depthwise conv + GELU path of the Mix-FFN against the cuDNN + GELU path: outputs and gradients."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 on both paths
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     model = FaViT(num_classes=7, embed_dims=(32, 64, 128, 256), depths=(1, 1, 2, 1)).cuda()
     images = torch.randn(4, 3, 96, 128, device="cuda")

@@ -83,37 +83,62 @@ if triton is not None:
         W,
         C,
         STORE_Z: tl.constexpr,
+        EVEN_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
-        batch = tl.program_id(2).to(tl.int64)
+        image = tl.program_id(2).to(tl.int64) * H * W * C
         pixels = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         channels = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         in_grid = pixels < H * W
-        in_channels = channels < C
         row = pixels // W
-        col = pixels % W
-        base = batch * H * W * C
+        col = pixels - row * W
+        # offsets inside one image fit in int32; each tap is one scalar shift of the tile
+        tile = pixels[:, None] * C + channels[None, :]
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for tap in tl.static_range(9):
             di = tap // 3 - 1
             dj = tap % 3 - 1
-            r = row + di
-            c = col + dj
-            ok = in_grid & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            offsets = base + (r * W + c).to(tl.int64)[:, None] * C + channels[None, :]
-            vals = tl.load(h_ptr + offsets, mask=ok[:, None] & in_channels[None, :], other=0.0)
-            taps = tl.load(w_ptr + channels * 9 + tap, mask=in_channels, other=0.0)
+            ok = in_grid & (row + di >= 0) & (row + di < H) & (col + dj >= 0) & (col + dj < W)
+            if EVEN_C:
+                vals = tl.load(h_ptr + image + (tile + (di * W + dj) * C), mask=ok[:, None], other=0.0)
+                taps = tl.load(w_ptr + channels * 9 + tap)
+            else:
+                in_channels = channels < C
+                mask = ok[:, None] & in_channels[None, :]
+                vals = tl.load(h_ptr + image + (tile + (di * W + dj) * C), mask=mask, other=0.0)
+                taps = tl.load(w_ptr + channels * 9 + tap, mask=in_channels, other=0.0)
             acc += vals.to(tl.float32) * taps.to(tl.float32)[None, :]
-        acc += tl.load(b_ptr + channels, mask=in_channels, other=0.0).to(tl.float32)[None, :]
-        out_offsets = base + pixels.to(tl.int64)[:, None] * C + channels[None, :]
-        out_mask = in_grid[:, None] & in_channels[None, :]
+        if EVEN_C:
+            acc += tl.load(b_ptr + channels).to(tl.float32)[None, :]
+            out_mask = in_grid[:, None]
+        else:
+            acc += tl.load(b_ptr + channels, mask=channels < C, other=0.0).to(tl.float32)[None, :]
+            out_mask = in_grid[:, None] & (channels < C)[None, :]
         if STORE_Z:
-            tl.store(z_ptr + out_offsets, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(z_ptr + image + tile, acc.to(z_ptr.dtype.element_ty), mask=out_mask)
         y = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        tl.store(y_ptr + out_offsets, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(y_ptr + image + tile, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    # tiles (pixels x channels, warps) chosen per grid and width on the first CUDA call
+    _dwconv3x3_gelu_kernel_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+            for p, c, w in [
+                (32, 64, 2),
+                (32, 128, 4),
+                (64, 32, 2),
+                (64, 64, 4),
+                (128, 32, 4),
+                (128, 64, 4),
+                (128, 64, 8),
+                (256, 32, 8),
+            ]
+        ],
+        key=["H", "W", "C", "STORE_Z"],
+    )(triton.heuristics({"EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0})(_dwconv3x3_gelu_kernel))
 
 
 def _launch(h: Tensor, weight: Tensor, bias: Tensor, store_z: bool) -> tuple[Tensor, Tensor | None]:
@@ -121,23 +146,37 @@ def _launch(h: Tensor, weight: Tensor, bias: Tensor, store_z: bool) -> tuple[Ten
     h = h.contiguous()
     y = torch.empty_like(h)
     z = torch.empty_like(h) if store_z else None
-    block_c = min(64, triton.next_power_of_2(C))
-    block_p = 64 if h.is_cuda else 16
-    grid = (triton.cdiv(H * W, block_p), triton.cdiv(C, block_c), B)
-    _dwconv3x3_gelu_kernel[grid](
-        h,
-        weight.contiguous(),
-        bias.contiguous(),
-        y,
-        z if store_z else y,
-        H,
-        W,
-        C,
-        STORE_Z=store_z,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        num_warps=4,
-    )
+    if h.is_cuda:
+        grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)  # noqa: E731
+        _dwconv3x3_gelu_kernel_tuned[grid](
+            h,
+            weight.contiguous(),
+            bias.contiguous(),
+            y,
+            z if store_z else y,
+            H,
+            W,
+            C,
+            STORE_Z=store_z,
+        )
+    else:  # the interpreter: small fixed tiles
+        block_c = min(16, triton.next_power_of_2(C))
+        grid = (triton.cdiv(H * W, 16), triton.cdiv(C, block_c), B)
+        _dwconv3x3_gelu_kernel[grid](
+            h,
+            weight.contiguous(),
+            bias.contiguous(),
+            y,
+            z if store_z else y,
+            H,
+            W,
+            C,
+            STORE_Z=store_z,
+            EVEN_C=C % block_c == 0,
+            BLOCK_P=16,
+            BLOCK_C=block_c,
+            num_warps=1,
+        )
     return y, z
 
 

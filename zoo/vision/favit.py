@@ -33,6 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from zoo.kernels.dwconv_gelu import dwconv3x3_gelu, dwconv3x3_gelu_supports
+from zoo.kernels.layer_norm import layer_norm, layer_norm_supports
 from zoo.layers.fasa import FactorizationSelfAttention
 
 try:  # timm >= 1.0.4
@@ -58,21 +59,28 @@ class LayerNormAutocast(nn.LayerNorm):
     """LayerNorm that keeps autocast's dtype: under autocast it normalises in that dtype.
 
     Autocast runs ``layer_norm`` in fp32, so every norm and residual add of a pre-norm network
-    moves fp32 tensors and each following layer casts them back. Here the input, weight and bias
-    are cast to the autocast dtype (the kernel still accumulates its statistics in fp32) and the
-    output keeps it, so the residual stream stays in that dtype too (what timm calls fast norm).
-    Outside autocast this is ``nn.LayerNorm``.
+    moves fp32 tensors and each following layer casts them back. Here the input is cast to the
+    autocast dtype (statistics still accumulate in fp32) and the output keeps it, so the
+    residual stream stays in that dtype too (what timm calls fast norm). On CUDA (eager) the
+    norm runs as Triton kernels that normalise many rows per program (``zoo.kernels.layer_norm``):
+    FaViT's rows are short (32-512 channels) and numerous. Outside autocast and on the CPU the
+    result is ``nn.LayerNorm``'s.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
+        autocast = torch.is_autocast_enabled(device_type)
+        if autocast:
+            x = x.to(torch.get_autocast_dtype(device_type))
+        if self.elementwise_affine and self.bias is not None and layer_norm_supports(x):
+            if not torch.compiler.is_compiling():
+                return layer_norm(x, self.weight, self.bias, self.eps)
+        if not autocast:
             return super().forward(x)
-        dtype = torch.get_autocast_dtype(device_type)
-        weight = self.weight.to(dtype) if self.weight is not None else None
-        bias = self.bias.to(dtype) if self.bias is not None else None
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
         with torch.autocast(device_type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class MlpWithDepthwiseConv(nn.Module):
