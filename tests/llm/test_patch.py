@@ -184,3 +184,37 @@ def test_capture_attention_inputs_sees_every_layer_of_a_dense_pass(tiny_llama):
         hook.remove()
     expected = tiny_llama.model.layers[0].self_attn.o_proj(ref.transpose(1, 2).reshape(1, 40, 64))
     torch.testing.assert_close(captured_out["o"], expected, rtol=1e-4, atol=1e-5)
+
+
+def _dense_causal_reference(q, k, v):
+    """fp64 causal attention with the keys repeated for grouped-query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    n, m = q.shape[2], k.shape[2]
+    future = torch.arange(m)[None, :] > (m - n) + torch.arange(n)[:, None]
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_last_rows_of_a_sparse_call_are_dense(rows):
+    """The last ``dense_last_rows`` query rows are exact attention; the rows before are the method's own."""
+    from zoo.layers import XAttention
+    from zoo.llm.patch import _LayerState, _sparse_call
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 96, 16, generator=gen) for h in (4, 2, 2))
+    method = XAttention(block_size=16, stride=4, threshold=0.2)
+    plain = _sparse_call(_LayerState(0, method, 0, dense_last_rows=0), q, k, v, True, None)
+    out = _sparse_call(_LayerState(0, method, 0, dense_last_rows=rows), q, k, v, True, None)
+    exact = _dense_causal_reference(q, k, v)
+    assert (plain - exact).abs().amax(dim=(0, 1, 3))[-1] > 1e-3  # the method alone misses the last row
+    if rows:
+        torch.testing.assert_close(out[:, :, -rows:].double(), exact[:, :, -rows:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[:, :, : 96 - rows], plain[:, :, : 96 - rows], rtol=0, atol=0)
+
+
+def test_dense_last_rows_must_be_a_count(tiny_llama):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="dense_last_rows: expected an integer >= 0"):
+            sparse_prefill(tiny_llama, "xattention", dense_last_rows=bad)

@@ -11,6 +11,13 @@ other models written against ``ALL_ATTENTION_FUNCTIONS``) then calls that functi
   causal, no sliding window; grouped-query attention is passed through unrepeated;
 - falls back to transformers' SDPA attention for decoding (one new token), short prompts and
   anything else, so generation keeps its dense cache semantics;
+- recomputes the last ``dense_last_rows`` query rows of each sparse call (1 by default) with
+  dense attention: the prompt's last position produces the first generated token, so it is
+  treated like a decoding step (``O(N)`` per head; the published block selection is
+  unchanged). Block selection averages over a whole query block, and the few question tokens
+  at the end of a prompt that look far back are outvoted by the block's other queries: on our
+  needle test the first answer digit was then wrong while every later digit (dense decoding)
+  was right;
 - handles batch > 1 with padding: a padded row runs the method on its own valid span of keys
   (left or right padding, as the 4-d SDPA mask says), pad query rows get zeros.
 
@@ -75,6 +82,7 @@ class _LayerState:
     layer_idx: int
     method: nn.Module | None
     min_prefill: int
+    dense_last_rows: int = 1
     recorder: Callable | None = None
     capture: Callable | None = None
 
@@ -193,9 +201,27 @@ def _sparse_call(
     method = state.method
     mask = method.estimate(query, key, causal=causal)
     out = block_sparse_attention(query, key, value, mask, causal=causal, scale=scale, backend=method.backend)
+    rows = min(state.dense_last_rows, query.shape[2])
+    if rows > 0:
+        dense = _dense_rows(query[:, :, -rows:], key, value, causal, scale)
+        out = torch.cat([out[:, :, : out.shape[2] - rows], dense], dim=2)
     if state.recorder is not None:
         state.recorder(state.layer_idx, query, key, value, mask, out, causal, scale)
     return out
+
+
+def _dense_rows(query: Tensor, key: Tensor, value: Tensor, causal: bool, scale: float | None) -> Tensor:
+    """Exact attention of the last ``r`` query rows over all keys (causal: aligned to the last key)."""
+    r, m = query.shape[2], key.shape[2]
+    allowed = None
+    if causal and r > 1:
+        allowed = (
+            torch.arange(m, device=query.device)[None, :]
+            <= (m - r) + torch.arange(r, device=query.device)[:, None]
+        )
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=allowed, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+    ).to(query.dtype)
 
 
 def sparse_prefill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -309,6 +335,7 @@ def sparse_prefill(
     layers: list[int] | None = None,
     skip_layers: tuple[int, ...] | list[int] = (),
     min_prefill: int = 0,
+    dense_last_rows: int = 1,
     config_path: str | Path | None = None,
     recorder: Callable | None = None,
     capture: Callable | None = None,
@@ -326,6 +353,9 @@ def sparse_prefill(
         The layers to make sparse (all by default) and layers to keep dense.
     min_prefill:
         Calls with fewer new queries stay dense (short prompts gain nothing).
+    dense_last_rows:
+        The last query rows of each sparse call recomputed densely (1: the position whose output
+        is the first generated token; 0: the method alone, as published).
     config_path:
         MInference per-head pattern JSON written by ``zoo train minference-config``, or XAttention
         per-head thresholds written by ``zoo train xattention-thresholds``.
@@ -344,6 +374,8 @@ def sparse_prefill(
     """
     if getattr(model, "_zoo_sparse_patch", None) is not None and model._zoo_sparse_patch.active:
         raise ValueError("model: already patched for sparse prefill; unpatch it first")
+    if isinstance(dense_last_rows, bool) or not isinstance(dense_last_rows, int) or dense_last_rows < 0:
+        raise ValueError(f"dense_last_rows: expected an integer >= 0, got {dense_last_rows!r}")
     modules = attention_modules(model)
     num_layers = len(modules)
     chosen = list(range(num_layers)) if layers is None else [int(i) for i in layers]
@@ -363,7 +395,9 @@ def sparse_prefill(
         )
     patched = []
     for idx, module in modules:
-        module._zoo_sparse_prefill = _LayerState(idx, per_layer.get(idx), int(min_prefill), recorder, capture)
+        module._zoo_sparse_prefill = _LayerState(
+            idx, per_layer.get(idx), int(min_prefill), dense_last_rows, recorder, capture
+        )
         patched.append(module)
     _set_implementation(model, ATTENTION_NAME)
     handle = SparsePrefillPatch(
