@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+# how --forecaster / --init / --adas name weights (zoo.weather.train.resolve_checkpoint)
+_WEIGHTS_FORMS = "'shipped' (the shipped OSSE weights of the grid), an arch.tag, or a .safetensors checkpoint with its .json"
+
 
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
     p.add_argument("--data", required=True, help="folder of the nature run (and resumable states)")
@@ -61,6 +64,9 @@ def cmd_adas(args: argparse.Namespace) -> int:
         nlat=args.nlat,
         nlon=args.nlon,
         device=args.device,
+        dense_until=args.dense_until,
+        fresh_until=args.fresh_until,
+        init=args.init,
     )
     print(json.dumps(result, indent=1))
     return 0
@@ -84,6 +90,10 @@ def cmd_all(args: argparse.Namespace) -> int:
         args.adas_arch,
         args.batch,
         args.streams,
+        eval_minutes=args.eval_minutes,
+        forecaster=args.forecaster,
+        adas_init=args.adas_init,
+        adas_lr=args.adas_lr,
     )
     print(json.dumps({k: result[k] for k in ("minutes", "eval") if k in result}, indent=1)[:4000])
     return 0
@@ -191,13 +201,33 @@ def register(top: argparse._SubParsersAction, groups: dict) -> None:
     p = sub.add_parser("adas", help="train Adas on backgrounds from the forecaster's cycling")
     _common(p)
     p.add_argument(
-        "--forecaster", default=None, help="forecaster checkpoint (default: OUT/forecaster.safetensors)"
+        "--forecaster",
+        default=None,
+        help=f"forecaster: {_WEIGHTS_FORMS} (default: OUT/forecaster.safetensors)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        help=f"start Adas from these weights instead of a fresh model: {_WEIGHTS_FORMS}; "
+        "a saved training state in OUT still wins",
     )
     p.add_argument("--arch", default="adas_osse_64x128")
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, default=20000)
     p.add_argument("--streams", type=int, default=8, help="parallel cycling streams (the batch)")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--dense-until",
+        type=float,
+        default=0.7,
+        help="share of the run until which 10%% observations dominate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fresh-until",
+        type=float,
+        default=0.7,
+        help="share of the run during which every stream restarts from the truth each cycle (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_adas)
 
     p = sub.add_parser("all", help="nature run, forecaster, Adas and evaluation in one budget")
@@ -211,14 +241,31 @@ def register(top: argparse._SubParsersAction, groups: dict) -> None:
     p.add_argument("--adas-arch", default="adas_osse_64x128")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--streams", type=int, default=8)
+    p.add_argument(
+        "--forecaster",
+        default=None,
+        help=f"use this forecaster instead of training one: {_WEIGHTS_FORMS} (scored, copied to OUT)",
+    )
+    p.add_argument("--adas-init", default=None, help=f"start Adas from these weights: {_WEIGHTS_FORMS}")
+    p.add_argument(
+        "--adas-lr", type=float, default=2e-3, help="Adas peak learning rate (default: %(default)s)"
+    )
+    p.add_argument(
+        "--eval-minutes",
+        type=float,
+        default=None,
+        help="minutes kept back for the evaluation (default: an H200 estimate from --cycles)",
+    )
     p.set_defaults(func=cmd_all)
 
     p = groups["eval"].add_parser(
         "weather", help="background vs OI vs Adas on the held-out year, and cycling"
     )
     _common(p)
-    p.add_argument("--forecaster", default=None, help="default: OUT/forecaster.safetensors")
-    p.add_argument("--adas", default=None, help="default: OUT/adas.safetensors")
+    p.add_argument(
+        "--forecaster", default=None, help=f"{_WEIGHTS_FORMS} (default: OUT/forecaster.safetensors)"
+    )
+    p.add_argument("--adas", default=None, help=f"{_WEIGHTS_FORMS} (default: OUT/adas.safetensors)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--cycles", type=int, default=240, help="cycles of the held-out year (1460 = a year)")
     p.add_argument("--no-plots", action="store_true")

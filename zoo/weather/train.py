@@ -19,6 +19,10 @@ Follows FengWu-Adas (arXiv 2312.12462) on our shallow-water OSSE:
   OI at 10% (RMSE over time, PNG; each reported as ``diverged`` when its last 30 days are no
   better than climatology) and a map of analysis increments.
 
+Fine-tuning: ``adas --init`` (``all --adas-init``) starts Adas from given weights, e.g.
+``shipped``, and ``--forecaster shipped`` (in ``all``: instead of training one) uses the shipped
+forecaster; ``zoo eval weather`` takes the same names.
+
 Every stage has a wall-clock budget (``--minutes``), saves resumable state in ``--out`` and
 writes a JSON of its results there; checkpoints are ``.safetensors`` with a ``.json`` sidecar
 (architecture, config, layout, normalisation, metrics) that ``zoo.weather.load_*`` read.
@@ -44,10 +48,12 @@ __all__ = [
     "ReplayBuffer",
     "evaluate",
     "evaluation_minutes",
+    "resolve_checkpoint",
     "run_all",
     "run_nature",
     "train_adas",
     "train_forecaster",
+    "use_forecaster",
 ]
 
 log = get_logger("zoo.weather.train")
@@ -335,12 +341,104 @@ def _forecast_skill(
     }
 
 
-def _load_checkpoint_model(path: Path, device: torch.device):
+SHIPPED = "shipped"
+_ROLE_PREFIX = {"forecaster": "fengwu_lite_osse", "adas": "adas_osse"}
+
+
+def _role_archs(role: str) -> list[str]:
+    from zoo.weather import _ADAS_VARIANTS, _FORECASTER_VARIANTS
+
+    return sorted(_ADAS_VARIANTS if role == "adas" else _FORECASTER_VARIANTS)
+
+
+def resolve_checkpoint(
+    spec: str | Path, role: str, nlat: int = 64, nlon: int = 128, argument: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The weights file and metadata of a forecaster or an Adas (``role``) named by ``spec``.
+
+    ``spec`` is ``"shipped"`` (the shipped OSSE weights of the ``nlat x nlon`` grid), a shipped
+    ``arch.tag`` (``zoo list --pretrained``), or a ``.safetensors`` checkpoint with the ``.json``
+    sidecar that ``zoo train weather`` writes. Shipped weights are checked against their sha256.
+    The metadata reads like a training sidecar (``arch``, ``config``, ``layout``,
+    ``normalisation``, ...) plus ``source`` (the ``arch.tag`` or the path) and ``sha256``.
+    Errors name ``argument`` (default: the role).
+    """
+    from zoo.registry import get_entry, list_models, sha256_of
+
+    if role not in _ROLE_PREFIX:
+        raise ValueError(f"role: expected one of {sorted(_ROLE_PREFIX)}, got {role!r}")
+    argument = argument or role
+    archs = _role_archs(role)
+    shipped = [n for n in list_models(pretrained=True, family="weather") if n.split(".")[0] in archs]
+    spec = str(spec)
+    if spec == SHIPPED:
+        arch = f"{_ROLE_PREFIX[role]}_{nlat}x{nlon}"
+        match = [n for n in shipped if n.split(".")[0] == arch]
+        if not match:
+            raise ValueError(
+                f"{argument}: expected shipped {role} weights for the {nlat}x{nlon} grid ({arch}), got none; "
+                f"shipped: {shipped or 'none'}"
+            )
+        spec = match[0]
+    path = Path(spec)
+    if not path.is_file() and path.suffix != ".safetensors" and "." in spec and "/" not in spec:
+        try:
+            entry, tag = get_entry(spec)
+        except ValueError as err:
+            raise ValueError(f"{argument}: {err}") from None
+        if entry.name not in archs or tag is None:
+            raise ValueError(
+                f"{argument}: expected a shipped {role} arch.tag (one of {shipped}), got {spec!r}"
+            )
+        pt = entry.tags[tag]
+        path = pt.path()
+        if not path.is_file():
+            raise ValueError(f"{argument}: {spec}'s weights file {path} is missing from the installation")
+        digest = sha256_of(path)
+        if digest != pt.sha256:
+            raise ValueError(f"{argument}: sha256 of {path.name}: expected {pt.sha256}, got {digest}")
+        meta = {"arch": entry.name, "config": dict(pt.config), **pt.extra, "source": spec, "sha256": digest}
+    else:
+        if not path.is_file():
+            raise ValueError(
+                f"{argument}: expected 'shipped', a shipped arch.tag ({', '.join(shipped) or 'none shipped'}) "
+                f"or a .safetensors checkpoint with its .json sidecar, got {spec!r} (no such file)"
+            )
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            raise ValueError(
+                f"{argument}: expected {sidecar.name} (arch, config, normalisation) next to {path}, got no such file"
+            )
+        meta = json.loads(sidecar.read_text())
+        meta.update(source=str(path), sha256=sha256_of(path))
+    if meta.get("arch") not in archs:
+        raise ValueError(
+            f"{argument}: expected {role} weights (one of {archs}), got {meta.get('arch')!r} in {path}"
+        )
+    grid = meta.get("config", {}).get("grid")
+    if grid is not None and tuple(grid) != (nlat, nlon):
+        raise ValueError(
+            f"{argument}: expected weights for the {nlat}x{nlon} grid, got {tuple(grid)} in {path}"
+        )
+    if "normalisation" not in meta:
+        raise ValueError(
+            f"{argument}: expected a normalisation in the metadata of {path}, got keys {sorted(meta)}"
+        )
+    return path, meta
+
+
+def _load_checkpoint_model(
+    spec: str | Path, device: torch.device, role: str, nlat: int, nlon: int, argument: str | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model (float32 on ``device``) and metadata of :func:`resolve_checkpoint`'s ``spec``."""
+    path, meta = resolve_checkpoint(spec, role, nlat, nlon, argument)
+    return _model_from(path, meta, device), meta
+
+
+def _model_from(path: Path, meta: dict[str, Any], device: torch.device) -> torch.nn.Module:
     from zoo.weather import create_model
 
-    meta = json.loads(path.with_suffix(".json").read_text())
-    model = create_model(meta["arch"], checkpoint=path, **meta.get("config", {})).float().to(device)
-    return model, meta
+    return create_model(meta["arch"], checkpoint=path, **meta.get("config", {})).float().to(device)
 
 
 def _background_error_scale(
@@ -374,6 +472,55 @@ def _fraction_weights(n: int, progress: float, dense_until: float) -> torch.Tens
     return share * dense + (1.0 - share) * even
 
 
+def _adas_init_meta(
+    init: str | Path, arch: str, config: dict, norm: Normalisation, nlat: int, nlon: int
+) -> dict[str, Any]:
+    """Metadata of the ``init`` weights, checked against the Adas being trained (``arch``, ``config``)."""
+    path, meta = resolve_checkpoint(init, "adas", nlat, nlon, argument="init")
+    if meta["arch"] != arch:
+        raise ValueError(
+            f"init: expected {arch} weights (the arch being trained), got {meta['arch']} in {path}"
+        )
+    want = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    have = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("config", {}).items()}
+    differ = {k: (have.get(k), want.get(k)) for k in set(want) | set(have) if have.get(k) != want.get(k)}
+    if differ:
+        raise ValueError(
+            f"init: config of {path.name} differs from the model being trained (theirs, ours): {differ}"
+        )
+    theirs = Normalisation.from_dict(meta["normalisation"])
+    if not (np.allclose(theirs.mean, norm.mean, rtol=1e-4) and np.allclose(theirs.std, norm.std, rtol=1e-4)):
+        log.warning(
+            "init: %s was trained with another normalisation (std %s) than the forecaster's (std %s)",
+            path.name,
+            list(theirs.std),
+            list(norm.std),
+        )
+    return {**meta, "path": path}
+
+
+def _load_adas_init(model: torch.nn.Module, meta: dict[str, Any], increment_scale: torch.Tensor) -> None:
+    """Load the ``init`` weights into ``model`` (strict), keeping their ``increment_scale``."""
+    from zoo import checkpoints
+    from zoo.weather import _adas_filter
+
+    try:
+        checkpoints.load_into(model, checkpoints.load(meta["path"]), filter_fn=_adas_filter, strict=True)
+    except checkpoints.CheckpointError as err:
+        raise ValueError(f"init: {meta['path'].name} does not fit {meta['arch']}: {err}") from None
+    if hasattr(model, "increment_scale"):
+        kept = model.increment_scale.detach().cpu()
+        measured = increment_scale.detach().float().cpu().flatten()
+        log.info(
+            "adas: starting from %s (increment_scale %s; this forecaster's errors give %s)",
+            meta["source"],
+            [round(v, 4) for v in kept.tolist()],
+            [round(v, 4) for v in measured.tolist()],
+        )
+    else:
+        log.info("adas: starting from %s", meta["source"])
+
+
 def train_adas(
     data: str | Path,
     out: str | Path,
@@ -396,8 +543,14 @@ def train_adas(
     dense_until: float = 0.7,
     reuse: int = 1,
     fresh_until: float = 0.7,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train Adas on backgrounds from the forecaster's own cycling; resumable from ``out/adas_train.pt``.
+
+    ``forecaster``: ``"shipped"``, a shipped ``arch.tag`` or a checkpoint (default
+    ``out/forecaster.safetensors``). ``init``: start from these Adas weights (same forms; e.g.
+    ``"shipped"`` to fine-tune the shipped Adas) instead of a fresh model; the weights keep
+    their own ``increment_scale``. A saved training state in ``out`` still takes precedence.
 
     ``streams`` cycling streams form the batch. Each step forecasts the next background from
     each stream's last two analyses, draws observations (a random fraction of ``fractions``)
@@ -439,13 +592,14 @@ def train_adas(
     out.mkdir(parents=True, exist_ok=True)
     dev = _device(device)
     torch.manual_seed(seed)
-    fpath = Path(forecaster) if forecaster else out / "forecaster.safetensors"
-    fmodel, fmeta = _load_checkpoint_model(fpath, dev)
+    fspec = forecaster if forecaster else out / "forecaster.safetensors"
+    fmodel, fmeta = _load_checkpoint_model(fspec, dev, "forecaster", nlat, nlon)
     fmodel.eval().requires_grad_(False)
     norm = Normalisation.from_dict(fmeta["normalisation"])
     layout = osse_layout(nlat, nlon)
-    years = [norm.normalise(t.to(dev)) for t in _year_tensors(data, TRAIN_YEARS, nlat, nlon)]
     config = {"grid": (nlat, nlon), **(overrides or {})}
+    init_meta = _adas_init_meta(init, arch, config, norm, nlat, nlon) if init is not None else None
+    years = [norm.normalise(t.to(dev)) for t in _year_tensors(data, TRAIN_YEARS, nlat, nlon)]
     model = create_model(arch, **config).to(dev)
     amp = dev.type == "cuda"
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -462,6 +616,8 @@ def train_adas(
             model.set_increment_scale(increment_scale)
         except ValueError:
             pass  # a model without residual/innovation has no scale to set
+    if init_meta is not None:
+        _load_adas_init(model, init_meta, increment_scale)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     state = _TrainingState(out / "adas_train.pt", model, opt)
     step0 = state.resume(dev, "adas")
@@ -539,10 +695,13 @@ def train_adas(
         "config": config,
         "layout": layout.to_dict(),
         "normalisation": norm.to_dict(),
-        "forecaster": str(fpath.name),
+        "forecaster": Path(fmeta["source"]).name,  # the file name or the shipped arch.tag
+        "init": {k: init_meta[k] for k in ("source", "sha256")} if init_meta is not None else None,
         "steps": final_step,
         "background_error_scale": error_scale.tolist(),
-        "increment_scale": increment_scale.tolist(),
+        "increment_scale": (
+            model.increment_scale.tolist() if hasattr(model, "increment_scale") else increment_scale.tolist()
+        ),
         "schedule": {
             "scale": scale,
             "dense_until": dense_until,
@@ -575,7 +734,11 @@ def evaluate(
     plots: bool = True,
     work: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Background vs OI (3D-Var) vs Adas on the held-out year, plus a cycling run; writes ``eval_results.json``."""
+    """Background vs OI (3D-Var) vs Adas on the held-out year, plus a cycling run; writes ``eval_results.json``.
+
+    ``forecaster`` and ``adas``: ``"shipped"``, a shipped ``arch.tag`` or a checkpoint (default:
+    ``forecaster.safetensors`` and ``adas.safetensors`` in ``out``).
+    """
     import xarray as xr
 
     from zoo.weather import metrics
@@ -588,9 +751,11 @@ def evaluate(
     dev = _device(device)
     layout = osse_layout(nlat, nlon)
     fmodel, fmeta = _load_checkpoint_model(
-        Path(forecaster) if forecaster else out / "forecaster.safetensors", dev
+        forecaster if forecaster else out / "forecaster.safetensors", dev, "forecaster", nlat, nlon
     )
-    amodel, ameta = _load_checkpoint_model(Path(adas) if adas else out / "adas.safetensors", dev)
+    amodel, ameta = _load_checkpoint_model(
+        adas if adas else out / "adas.safetensors", dev, "adas", nlat, nlon
+    )
     norm_f = Normalisation.from_dict(fmeta["normalisation"])
     norm_a = Normalisation.from_dict(ameta["normalisation"])
     fc = ModelForecaster(fmodel, layout, norm_f)
@@ -609,7 +774,12 @@ def evaluate(
     fit = oi.fit(
         bg_t[:8].double(), truth_t[idx[:8]].double(), layout.latitude, layout.longitude, fraction=0.01
     )
-    results: dict[str, Any] = {"samples": int(samples), "oi_fit": fit, "by_fraction": {}}
+    results: dict[str, Any] = {
+        "samples": int(samples),
+        "models": {"forecaster": Path(fmeta["source"]).name, "adas": Path(ameta["source"]).name},
+        "oi_fit": fit,
+        "by_fraction": {},
+    }
 
     def scores(ds: xr.Dataset) -> dict[str, Any]:
         r = metrics.rmse(ds, truth_sel)
@@ -799,6 +969,40 @@ def evaluation_minutes(cycles: int, per_cycle_s: float = 0.1, fixed_s: float = 7
     return (fixed_s + per_cycle_s * max(0, int(cycles))) / 60.0
 
 
+def use_forecaster(
+    data: str | Path,
+    out: str | Path,
+    forecaster: str | Path,
+    nlat: int = 64,
+    nlon: int = 128,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Put a given forecaster (``"shipped"``, an ``arch.tag`` or a checkpoint) in ``out`` as
+    ``forecaster.safetensors`` with a training sidecar, scored on the held-out year as
+    :func:`train_forecaster` scores the one it trains; returns the same result (plus ``source`` and
+    ``sha256``; ``steps`` only when its sidecar has them)."""
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(device)
+    path, meta = resolve_checkpoint(forecaster, "forecaster", nlat, nlon)
+    model = _model_from(path, meta, dev)
+    layout = osse_layout(nlat, nlon)
+    (test,) = _year_tensors(data, [TEST_YEAR], nlat, nlon)
+    norm = Normalisation.from_dict(meta["normalisation"])
+    meta = {
+        **meta,
+        "layout": meta.get("layout", layout.to_dict()),
+        "metrics": _forecast_skill(model, norm, test, layout, dev),
+    }
+    target = out / "forecaster.safetensors"
+    if path.resolve() != target.resolve():
+        shutil.copy(path, target)
+        _write_json(out / "forecaster.json", meta)
+    result = {k: v for k, v in meta.items() if k not in ("normalisation", "layout")}
+    _write_json(out / "forecaster_results.json", result)
+    return result
+
+
 def run_all(
     data: str | Path,
     out: str | Path,
@@ -817,6 +1021,9 @@ def run_all(
     eval_minutes: float | None = None,
     adas_share: float = 0.6,
     adas_reuse: int = 1,
+    forecaster: str | Path | None = None,
+    adas_init: str | Path | None = None,
+    adas_lr: float = 2e-3,
 ) -> dict[str, Any]:
     """Every stage in one call within ``budget_minutes``: nature run, forecaster, Adas, evaluation.
 
@@ -824,9 +1031,16 @@ def run_all(
     checkpoints with their sidecars, ``results.json``, two PNGs), so it stays under 8 files.
     ``eval_minutes`` is kept back for the evaluation (default :func:`evaluation_minutes` of
     ``cycles``); of the training time left, Adas gets ``adas_share`` and the forecaster the rest.
+    ``forecaster`` (``"shipped"``, an ``arch.tag`` or a checkpoint) replaces the forecaster's
+    training: it is scored like a trained one and Adas gets all the training time;
+    ``adas_init`` (same forms) is where Adas starts (see :func:`train_adas`).
     """
     if not 0.0 < adas_share < 1.0:
         raise ValueError(f"adas_share: expected a value in (0, 1), got {adas_share}")
+    if forecaster is not None:  # fail before the nature run on a bad name
+        resolve_checkpoint(forecaster, "forecaster", nlat, nlon, argument="forecaster")
+    if adas_init is not None:
+        resolve_checkpoint(adas_init, "adas", nlat, nlon, argument="adas_init")
     start = time.perf_counter()
     data, out = Path(data), Path(out)
     work = data / "runs"
@@ -838,18 +1052,21 @@ def run_all(
     results["nature"] = run_nature(data, nlat, nlon, days, spinup_days, device)
     reserve = evaluation_minutes(cycles) if eval_minutes is None else eval_minutes
     results["eval_reserve_minutes"] = reserve
-    share = max(0.02, (left() - reserve) * (1.0 - adas_share))
-    results["forecaster"] = train_forecaster(
-        data,
-        work,
-        forecaster_arch,
-        minutes=share,
-        max_steps=20000,
-        batch=batch,
-        nlat=nlat,
-        nlon=nlon,
-        device=device,
-    )
+    if forecaster is None:
+        share = max(0.02, (left() - reserve) * (1.0 - adas_share))
+        results["forecaster"] = train_forecaster(
+            data,
+            work,
+            forecaster_arch,
+            minutes=share,
+            max_steps=20000,
+            batch=batch,
+            nlat=nlat,
+            nlon=nlon,
+            device=device,
+        )
+    else:
+        results["forecaster"] = use_forecaster(data, work, forecaster, nlat, nlon, device)
     share = max(0.02, left() - reserve)
     results["adas"] = train_adas(
         data,
@@ -858,10 +1075,12 @@ def run_all(
         minutes=share,
         max_steps=20000,
         streams=streams,
+        lr=adas_lr,
         nlat=nlat,
         nlon=nlon,
         device=device,
         reuse=adas_reuse,
+        init=adas_init,
     )
     eval_start = time.perf_counter()
     results["eval"] = evaluate(
