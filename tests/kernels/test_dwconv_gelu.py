@@ -7,7 +7,6 @@ it runs compiled, in bfloat16 and fp32, at FaViT's sizes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -62,12 +61,9 @@ def compare(B: int, H: int, W: int, C: int, dtype: torch.dtype, device: str = "c
 
 # ------------------------------------------------------------------------- interpreted checks
 def main() -> None:
-    for name, (B, H, W, C, dtype) in CASES.items():
-        try:
-            row = compare(B, H, W, C, dtype)
-        except Exception as err:  # reported by the test that reads the row
-            row = {"error": f"{type(err).__name__}: {err}"}
-        print(json.dumps({"name": name, **row}), flush=True)
+    from interpreter import print_check_rows
+
+    print_check_rows({name: (lambda case=case: compare(*case)) for name, case in CASES.items()})
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +75,12 @@ def interpreted() -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreted_kernel_matches_fp64_reference(interpreted, case):
-    row = interpreted.get(case)
-    assert row is not None, f"{case} did not run"
-    assert "error" not in row, row["error"]
-    B, H, W, C, dtype = CASES[case]
-    assert row["shape"] == [B, H, W, C] and row["dtype"] == str(dtype).replace("torch.", "")
-    tol = TOLERANCE[dtype]
-    for key in ("out", "dh", "dweight", "dbias"):
-        assert row[key] < tol, (key, row)
-    assert row["param_grad_dtypes"] == ["torch.float32", "torch.float32"]  # the parameters' own dtype
-    assert row["no_grad_equal"]
+    from .interpreter import assert_fp64_row
+
+    *shape, dtype = CASES[case]
+    assert_fp64_row(
+        interpreted.get(case), case, shape, dtype, ("out", "dh", "dweight", "dbias"), TOLERANCE[dtype]
+    )
 
 
 def test_reference_is_conv_then_gelu():

@@ -7,7 +7,6 @@ compiled, at FaViT's sizes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -63,12 +62,9 @@ def compare(shape, dtype: torch.dtype, device: str = "cpu", seed: int = 0, eps: 
 
 
 def main() -> None:
-    for name, (shape, dtype) in CASES.items():
-        try:
-            row = compare(shape, dtype)
-        except Exception as err:  # reported by the test that reads the row
-            row = {"error": f"{type(err).__name__}: {err}"}
-        print(json.dumps({"name": name, **row}), flush=True)
+    from interpreter import print_check_rows
+
+    print_check_rows({name: (lambda case=case: compare(*case)) for name, case in CASES.items()})
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +76,12 @@ def interpreted() -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreted_kernels_match_fp64_reference(interpreted, case):
-    row = interpreted.get(case)
-    assert row is not None, f"{case} did not run"
-    assert "error" not in row, row["error"]
+    from .interpreter import assert_fp64_row
+
     shape, dtype = CASES[case]
-    assert row["shape"] == list(shape) and row["dtype"] == str(dtype).replace("torch.", "")
-    for key in ("out", "dx", "dweight", "dbias"):
-        assert row[key] < TOLERANCE[dtype], (key, row)
-    assert row["param_grad_dtypes"] == ["torch.float32", "torch.float32"]
-    assert row["no_grad_equal"]
+    assert_fp64_row(
+        interpreted.get(case), case, shape, dtype, ("out", "dx", "dweight", "dbias"), TOLERANCE[dtype]
+    )
 
 
 def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
