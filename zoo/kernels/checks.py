@@ -7,12 +7,17 @@ import os
 
 from torch import Tensor
 
-__all__ = ["check_grouped_query_key", "triton_interpreting"]
+__all__ = ["check_grouped_query_key", "triton_interpreting", "triton_runs_on"]
 
 
 def triton_interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` is set (to anything but ``0``): Triton kernels run in the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_on(tensor: Tensor) -> bool:
+    """Whether Triton kernels can take ``tensor``: a CUDA tensor, or a CPU one under the interpreter."""
+    return tensor.is_cuda or (triton_interpreting() and tensor.device.type == "cpu")
 
 
 def check_grouped_query_key(q: Tensor, k: Tensor) -> None:

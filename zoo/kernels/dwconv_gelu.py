@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.kernels.checks import triton_interpreting
+from zoo.kernels.checks import triton_runs_on
 
 try:
     import triton
@@ -63,11 +63,7 @@ def dwconv3x3_gelu_reference(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def dwconv3x3_gelu_supports(h: Tensor) -> bool:
     """Whether ``dwconv3x3_gelu`` runs the Triton kernel on ``h`` (CUDA, or CPU interpreted)."""
-    return (
-        triton is not None
-        and h.dtype in _DTYPES
-        and (h.is_cuda or (triton_interpreting() and h.device.type == "cpu"))
-    )
+    return triton is not None and h.dtype in _DTYPES and triton_runs_on(h)
 
 
 if triton is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.kernels.checks import triton_interpreting
+from zoo.kernels.checks import triton_runs_on
 
 try:
     import triton
@@ -48,12 +48,7 @@ def layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1
 
 def layer_norm_supports(x: Tensor) -> bool:
     """Whether ``layer_norm`` runs the Triton kernels on ``x`` (CUDA, or CPU interpreted)."""
-    return (
-        triton is not None
-        and x.dtype in _DTYPES
-        and 0 < x.shape[-1] <= MAX_FEATURES
-        and (x.is_cuda or (triton_interpreting() and x.device.type == "cpu"))
-    )
+    return triton is not None and x.dtype in _DTYPES and 0 < x.shape[-1] <= MAX_FEATURES and triton_runs_on(x)
 
 
 if triton is not None:
