@@ -64,6 +64,16 @@ class PretrainedTag:
         p = Path(self.file)
         return p if p.is_absolute() else weights_dir() / p
 
+    def verified_path(self, name: str) -> Path:
+        """The weights file, checked to exist and to match its sha256; errors start with ``name``."""
+        path = self.path()
+        if not path.is_file():
+            raise ValueError(f"{name}: weights file {path} is missing from the installation")
+        got = sha256_of(path)
+        if got != self.sha256:
+            raise ValueError(f"{name}: sha256 of {path.name} is {got}, expected {self.sha256}")
+        return path
+
 
 @dataclass
 class ModelEntry:
@@ -261,13 +271,7 @@ def create(
     model.zoo_config = cfg
 
     if pretrained:
-        pt = entry.tags[tag]
-        path = pt.path()
-        if not path.is_file():
-            raise ValueError(f"{entry.name}.{tag}: weights file {path} is missing from the installation")
-        got = sha256_of(path)
-        if got != pt.sha256:
-            raise ValueError(f"{entry.name}.{tag}: sha256 of {path.name} is {got}, expected {pt.sha256}")
+        path = entry.tags[tag].verified_path(f"{entry.name}.{tag}")
         checkpoints.load_into(model, checkpoints.load(path), strict=True)
     elif checkpoint is not None:
         state = checkpoints.load(checkpoint)

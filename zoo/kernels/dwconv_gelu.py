@@ -142,36 +142,15 @@ def _launch(h: Tensor, weight: Tensor, bias: Tensor, store_z: bool) -> tuple[Ten
     h = h.contiguous()
     y = torch.empty_like(h)
     z = torch.empty_like(h) if store_z else None
-    if h.is_cuda:
+    args = (h, weight.contiguous(), bias.contiguous(), y, z if store_z else y, H, W, C)
+    if h.is_cuda:  # tiles autotuned per grid and width
         grid = lambda meta: (triton.cdiv(H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)  # noqa: E731
-        _dwconv3x3_gelu_kernel_tuned[grid](
-            h,
-            weight.contiguous(),
-            bias.contiguous(),
-            y,
-            z if store_z else y,
-            H,
-            W,
-            C,
-            STORE_Z=store_z,
-        )
+        _dwconv3x3_gelu_kernel_tuned[grid](*args, STORE_Z=store_z)
     else:  # the interpreter: small fixed tiles
         block_c = min(16, triton.next_power_of_2(C))
         grid = (triton.cdiv(H * W, 16), triton.cdiv(C, block_c), B)
         _dwconv3x3_gelu_kernel[grid](
-            h,
-            weight.contiguous(),
-            bias.contiguous(),
-            y,
-            z if store_z else y,
-            H,
-            W,
-            C,
-            STORE_Z=store_z,
-            EVEN_C=C % block_c == 0,
-            BLOCK_P=16,
-            BLOCK_C=block_c,
-            num_warps=1,
+            *args, STORE_Z=store_z, EVEN_C=C % block_c == 0, BLOCK_P=16, BLOCK_C=block_c, num_warps=1
         )
     return y, z
 

@@ -54,6 +54,17 @@ def layer_norm_supports(x: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row_tile(pid, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Program ``pid``'s rows and columns, their bounds, the tile mask and element offsets."""
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_C)
+        row_ok = rows < M
+        col_ok = cols < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        return rows, cols, row_ok, col_ok, mask, offsets
+
+    @triton.jit
     def _forward_kernel(
         x_ptr,
         w_ptr,
@@ -68,12 +79,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_C)
-        row_ok = rows < M
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        rows, cols, row_ok, col_ok, mask, offsets = _row_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -102,12 +108,7 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_C)
-        row_ok = rows < M
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        rows, cols, row_ok, col_ok, mask, offsets = _row_tile(pid, M, C, BLOCK_M, BLOCK_C)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)

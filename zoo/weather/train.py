@@ -391,13 +391,14 @@ def resolve_checkpoint(
                 f"{argument}: expected a shipped {role} arch.tag (one of {shipped}), got {spec!r}"
             )
         pt = entry.tags[tag]
-        path = pt.path()
-        if not path.is_file():
-            raise ValueError(f"{argument}: {spec}'s weights file {path} is missing from the installation")
-        digest = sha256_of(path)
-        if digest != pt.sha256:
-            raise ValueError(f"{argument}: sha256 of {path.name}: expected {pt.sha256}, got {digest}")
-        meta = {"arch": entry.name, "config": dict(pt.config), **pt.extra, "source": spec, "sha256": digest}
+        path = pt.verified_path(f"{argument}: {spec}")
+        meta = {
+            "arch": entry.name,
+            "config": dict(pt.config),
+            **pt.extra,
+            "source": spec,
+            "sha256": pt.sha256,
+        }
     else:
         if not path.is_file():
             raise ValueError(
