@@ -177,3 +177,24 @@ def test_cuda_fused_matches_reference(dim, heads):
         attn.fused = False
         ref = attn(x, c)
     assert ((fused - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid,window,shift,cross,periodic", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_inference_kernel_matches_dense_reference(grid, window, shift, cross, periodic, dtype):
+    """Inference on CUDA runs zoo.kernels.window_attention (bias, border masks, padding, shrunken windows)."""
+    import copy
+
+    attn = WindowAttention3D(16, 2, window, shift, cross=cross, periodic_axes=periodic).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, *grid, 16)
+    ctx = torch.randn(2, *grid, 16) if cross else None
+    gpu = copy.deepcopy(attn).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        q_probe = torch.empty(1, 1, 1, 1, device="cuda", dtype=dtype)
+        assert gpu._use_kernel(q_probe)
+        out = gpu(x.cuda(), None if ctx is None else ctx.cuda()).float().cpu()
+        ref = dense_reference(attn, x, ctx)
+    assert ((out - ref).norm() / ref.norm()) < (1e-4 if dtype == torch.float32 else 2e-2)

@@ -385,7 +385,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 def test_norms_keep_the_autocast_dtype():
     """Under autocast the norms run in its dtype (residual stream included); outside, plain LayerNorm."""
-    from zoo.vision.favit import LayerNormAutocast
+    from zoo.layers.norm import LayerNormAutocast
 
     norm = LayerNormAutocast(24, eps=1e-6)
     with torch.no_grad():

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.layers.linear import Linear, linear
+
 __all__ = [
     "FactorizationSelfAttention",
     "fasa_branch_dims",
@@ -319,7 +321,7 @@ class FactorizationSelfAttention(nn.Module):
         self.fused_attn = fused_attn
         self.pad_head_dim = pad_head_dim
 
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
         # global branch
         self.global_reduce = nn.Conv2d(global_dim, global_dim, kernel_size=sr_ratio, stride=sr_ratio)
         self.global_norm = nn.LayerNorm(global_dim)
@@ -337,7 +339,7 @@ class FactorizationSelfAttention(nn.Module):
         )
         self.window_v_conv = nn.ModuleList(nn.Conv2d(d, d, 3, padding=1, groups=d) for d in window_dims)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.reset_parameters()
 
@@ -417,7 +419,7 @@ class FactorizationSelfAttention(nn.Module):
         # window branches: shared depthwise + pointwise convolution, pooled window keys
         feats = self.window_dwconv(x_w.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         pointwise = _PointwiseWeightMatrix.apply(self.window_pwconv.weight)
-        feats = F.linear(feats, pointwise, self.window_pwconv.bias)
+        feats = linear(feats, pointwise, self.window_pwconv.bias)
         pooled = pool_window_tokens_branches(feats, heads, ws, self.dilations)
         if n_branches == 1:
             k, v = self._window_keys_one_branch(pooled[0])

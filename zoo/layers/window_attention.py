@@ -37,6 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.kernels.window_attention import window_attention, window_attention_supports
+from zoo.layers.norm import LayerNormAutocast
+
 __all__ = [
     "WindowAttention3D",
     "WindowTransformerBlock3D",
@@ -153,6 +156,22 @@ def _split_mask_on_device(
     border_idx = border.nonzero().squeeze(1)
     inner_idx = (~border).nonzero().squeeze(1)
     return mask[border_idx].to(device), border_idx.to(device), inner_idx.to(device)
+
+
+@lru_cache(maxsize=64)
+def _mask_index_on_device(
+    padded: Size3,
+    window: Size3,
+    shift: Size3,
+    periodic: tuple[bool, bool, bool],
+    fill: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Border windows' masks ``(nb, N, N)`` and, per window, its row there (``-1``: interior), on ``device``."""
+    border_mask, border_idx, inner_idx = _split_mask_on_device(padded, window, shift, periodic, fill, device)
+    index = torch.full((border_idx.numel() + inner_idx.numel(),), -1, dtype=torch.int32, device=device)
+    index[border_idx] = torch.arange(border_idx.numel(), dtype=torch.int32, device=device)
+    return border_mask, index
 
 
 def _sdpa(
@@ -327,6 +346,17 @@ class WindowAttention3D(nn.Module):
             out.index_copy_(1, border_idx, res.view(batch, -1, h, N, hd))
         return out.view(Bw, h, N, hd)
 
+    def _use_kernel(self, q: torch.Tensor) -> bool:
+        """Inference on CUDA runs ``zoo.kernels.window_attention`` (no autograd, no dropout)."""
+        return (
+            self.fused
+            and q.is_cuda
+            and not (torch.is_grad_enabled() and q.requires_grad)
+            and not (self.training and self.attn_drop > 0)
+            and window_attention_supports(q)
+            and not torch.compiler.is_compiling()
+        )
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Attend inside (shifted) windows of ``x`` ``(B, D, H, W, C)`` (keys/values from ``context`` if cross)."""
         self._check(x, context)
@@ -348,7 +378,16 @@ class WindowAttention3D(nn.Module):
         N = x_win.shape[1]
         q, k, v = self._project(x_win, c_win)
         bias = self.relative_position_bias(N)
-        if self.fused:
+        if self._use_kernel(q):
+            masks = index = None
+            if shifted:
+                masks, index = _mask_index_on_device(
+                    padded, window, shift, self.periodic_axes, self.mask_fill, x.device
+                )
+            Bw, h, _, hd = q.shape
+            tokens = torch.empty(Bw, N, h, hd, device=q.device, dtype=q.dtype)
+            out = window_attention(q, k, v, bias, self.scale, masks, index, out=tokens.transpose(1, 2))
+        elif self.fused:
             split = None
             if shifted:
                 key = (padded, window, shift, self.periodic_axes, self.mask_fill, x.device)
@@ -391,7 +430,7 @@ class WindowTransformerBlock3D(nn.Module):
         super().__init__()
         from timm.layers import DropPath, Mlp
 
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNormAutocast(dim)
         self.attn = WindowAttention3D(
             dim,
             num_heads,
@@ -404,9 +443,9 @@ class WindowTransformerBlock3D(nn.Module):
             proj_drop=drop,
             fused=fused,
         )
-        self.norm_context = nn.LayerNorm(dim) if cross else None
+        self.norm_context = LayerNormAutocast(dim) if cross else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNormAutocast(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,7 +25,6 @@ import re
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, trunc_normal_
@@ -33,8 +32,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from zoo.kernels.dwconv_gelu import dwconv3x3_gelu, dwconv3x3_gelu_supports
-from zoo.kernels.layer_norm import layer_norm, layer_norm_supports
 from zoo.layers.fasa import FactorizationSelfAttention
+from zoo.layers.linear import Linear
+from zoo.layers.norm import LayerNormAutocast
 
 try:  # timm >= 1.0.4
     from timm.models import feature_take_indices
@@ -55,34 +55,6 @@ PAPER = (
 MIN_INPUT_SIZE = 32  # smallest image side: the first stage's 8x8 reduction needs an 8x8 grid
 
 
-class LayerNormAutocast(nn.LayerNorm):
-    """LayerNorm that keeps autocast's dtype: under autocast it normalises in that dtype.
-
-    Autocast runs ``layer_norm`` in fp32, so every norm and residual add of a pre-norm network
-    moves fp32 tensors and each following layer casts them back. Here the input is cast to the
-    autocast dtype (statistics still accumulate in fp32) and the output keeps it, so the
-    residual stream stays in that dtype too (what timm calls fast norm). On CUDA (eager) the
-    norm runs as Triton kernels that normalise many rows per program (``zoo.kernels.layer_norm``):
-    FaViT's rows are short (32-512 channels) and numerous. Outside autocast and on the CPU the
-    result is ``nn.LayerNorm``'s.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        if autocast:
-            x = x.to(torch.get_autocast_dtype(device_type))
-        if self.elementwise_affine and self.bias is not None and layer_norm_supports(x):
-            if not torch.compiler.is_compiling():
-                return layer_norm(x, self.weight, self.bias, self.eps)
-        if not autocast:
-            return super().forward(x)
-        weight = self.weight.to(x.dtype) if self.weight is not None else None
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-
-
 class MlpWithDepthwiseConv(nn.Module):
     """Mix-FFN: fc1, depthwise 3x3 convolution on the token grid, GELU, fc2.
 
@@ -98,11 +70,11 @@ class MlpWithDepthwiseConv(nn.Module):
         drop: float = 0.0,
     ):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
         self.act = act_layer()
         self._fused_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from zoo.layers.norm import LayerNormAutocast
 from zoo.layers.window_attention import WindowTransformerBlock3D, relative_position_index_3d
 
 __all__ = ["Adas", "adas_token_grid", "checkpoint_filter_fn", "conv3d_flat_depth", "unify_mae"]
@@ -104,7 +105,7 @@ class StateEmbedding(nn.Module):
             if surface_variables
             else None
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNormAutocast(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -144,7 +145,7 @@ class PatchMerging2D(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = LayerNormAutocast(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,7 @@ class PatchExpansion2D(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNormAutocast(dim)
         self.expansion = nn.Linear(dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
