@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from zoo.layers.linear import bias_grad  # noqa: E402
+from zoo.timing import capture_graph, median_ms  # noqa: E402
 
 SHAPES = [
     (401408, 64),
@@ -36,35 +37,10 @@ SHAPES = [
 ]
 
 
-def eager_ms(fn, iters: int = 30, warmup: int = 5) -> float:
-    """Median time of one call between CUDA events: the host's launch time is included."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def graph_ms(fn, calls: int = 20, iters: int = 10) -> float:
     """GPU time per call: ``calls`` calls captured in one CUDA graph, median replay / ``calls``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return eager_ms(graph.replay, iters=iters, warmup=2) / calls
+    replay = capture_graph(lambda: [fn() for _ in range(calls)], torch.device("cuda"))
+    return median_ms(replay, warmup=2, reps=iters) / calls
 
 
 def main() -> None:
@@ -81,7 +57,7 @@ def main() -> None:
         row = {"M": M, "C": C, "gbytes": round(M * C * 2 / 1e9, 4)}
         for name, fn in (("torch_sum", lambda g=grad: g.sum(0)), ("matvec", lambda g=grad: bias_grad(g))):
             row[f"{name}_gpu_ms"] = round(graph_ms(fn), 4)
-            row[f"{name}_eager_ms"] = round(eager_ms(fn), 4)
+            row[f"{name}_eager_ms"] = round(median_ms(fn, warmup=5, reps=30), 4)  # host launch included
         row["gpu_speedup"] = round(row["torch_sum_gpu_ms"] / row["matvec_gpu_ms"], 2)
         print(json.dumps(row), flush=True)
         rows.append(row)

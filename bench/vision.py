@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from zoo.timing import capture_graph  # noqa: E402
+
 OURS = ["favit_b0", "favit_b1", "favit_b2", "favit_b3"]
 PEERS = ["swin_tiny_patch4_window7_224", "pvt_v2_b0", "pvt_v2_b2", "convnext_tiny"]
 REFERENCE_PEER = "swin_tiny_patch4_window7_224"
@@ -151,20 +153,6 @@ def make_optimizer(
     return torch.optim.AdamW(
         model.parameters(), lr=1e-5, weight_decay=0.05, fused=fused, capturable=capturable
     )
-
-
-def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], None]:
-    """Run ``fn`` a few times on a side stream, capture one call in a CUDA graph, return its replay."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def measure(

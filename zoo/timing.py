@@ -3,6 +3,7 @@
 ``median_ms(fn, warmup, reps)``: the median of ``reps`` timings after ``warmup`` calls, by
 CUDA events on the GPU (host clock on the CPU). ``first_call_s(fn)``: the latency of one call,
 device synchronised before and after (a first call includes autotuning and compilation).
+``capture_graph(fn, device)``: ``fn`` captured in a CUDA graph, returned as its replay.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["first_call_s", "median_ms"]
+__all__ = ["capture_graph", "first_call_s", "median_ms"]
 
 
 def median_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
@@ -44,3 +45,17 @@ def first_call_s(fn: Callable[[], Any]) -> float:
     fn()
     sync()
     return time.perf_counter() - t0
+
+
+def capture_graph(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> Callable[[], None]:
+    """Run ``fn`` a few times on a side stream, capture one call in a CUDA graph, return its replay."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
