@@ -13,6 +13,7 @@ Equality in fp32 (TF32 off) is checked at 128 x 256 first. Writes ``--out/weathe
 
     python bench/weather.py --out bench/results            # both sizes
     python bench/weather.py --sizes small --iters 5        # quick
+    python bench/weather.py --cuda-graph                   # also both replayed from CUDA graphs
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.graphs import GraphedCall
 from zoo.weather import create_model
 from zoo.weather.adas_reference import OfficialConfig, adas_reference_forward, random_official_state
 
@@ -104,13 +106,19 @@ def measure(size: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    def run_ours():
+    def ours_on(b, o, m):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp):
-            return model(bg, obs, mask)
+            return model(b, o, m)
+
+    def ref_on(b, o, m):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp):
+            return adas_reference_forward(ref_state, b, o, m, cfg)
+
+    def run_ours():
+        return ours_on(bg, obs, mask)
 
     def run_ref():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_amp):
-            return adas_reference_forward(ref_state, bg, obs, mask, cfg)
+        return ref_on(bg, obs, mask)
 
     row["upstream_style"] = timed(run_ref, args.iters, args.warmup, device)
     row["ours"] = timed(run_ours, args.iters, args.warmup, device)
@@ -119,6 +127,15 @@ def measure(size: str, args: argparse.Namespace, device: torch.device) -> dict:
         a, b = run_ours().float(), run_ref().float()
     row["bf16_rel_diff"] = float((a - b).norm() / b.norm())
     del a, b
+    if args.cuda_graph and device.type == "cuda":  # both computations replayed from CUDA graphs
+        for name, fn in (("upstream_style_graph", ref_on), ("ours_graph", ours_on)):
+            graphed = GraphedCall(fn)  # inputs copied into the graph's buffers on every call, as in use
+            row[name] = timed(lambda graphed=graphed: graphed(bg, obs, mask), args.iters, args.warmup, device)
+            graphed.clear()
+        row["speedup_graph"] = row["upstream_style_graph"]["median_ms"] / row["ours_graph"]["median_ms"]
+        row["speedup_ours_graph_vs_upstream_style"] = (
+            row["upstream_style"]["median_ms"] / row["ours_graph"]["median_ms"]
+        )
     if args.compile:
         compiled = torch.compile(model)
 
@@ -145,6 +162,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our model")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="also time both computations replayed from CUDA graphs"
+    )
     parser.add_argument("--grid", type=int, nargs=2, default=None, help="override the grid (CPU smoke runs)")
     parser.add_argument("--dim", type=int, default=None, help="override d (CPU smoke runs)")
     parser.add_argument(

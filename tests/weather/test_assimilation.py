@@ -428,3 +428,34 @@ def test_osse_sample_background_from_a_given_forecaster(tmp_path):
     earlier = osse.sample(forecaster="persistence", **kw)["background"]  # the truth 6 h before
     np.testing.assert_allclose(case["background"].geopotential.values, 2.0 * earlier.geopotential.values)
     assert case["background"].time.values[0] == case["truth"].time.values[0]
+
+
+def test_cuda_graph_flag_on_cpu_is_the_plain_analysis():
+    assim, truth, layout = tiny_adas_assimilator()
+    assim.model.eval()
+    bg = layout.to_tensor(truth.isel(time=[1]))
+    obs = layout.to_tensor(truth.isel(time=[2]))
+    mask = (torch.rand(bg.shape, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    plain = assim.analyse_tensor(bg, obs, mask)
+    assim.cuda_graph = True
+    assert torch.equal(assim.analyse_tensor(bg, obs, mask), plain) and assim._graphed is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_cuda_graph_replay_equals_the_plain_analysis(autocast):
+    assim, truth, layout = tiny_adas_assimilator()
+    assim.model.cuda().eval()
+    assim.autocast = autocast
+    gen = torch.Generator().manual_seed(1)
+    cases = []
+    for t in (1, 2, 1):  # a replay with new values after the capture
+        bg = layout.to_tensor(truth.isel(time=[t]))
+        obs = layout.to_tensor(truth.isel(time=[t - 1]))
+        cases.append((bg, obs, (torch.rand(bg.shape, generator=gen) < 0.2).float()))
+    plain = [assim.analyse_tensor(*case) for case in cases]
+    assim.cuda_graph = True
+    graphed = [assim.analyse_tensor(*case) for case in cases]
+    assert assim._graphed is not None and len(assim._graphed._graphs) == 1
+    for want, got in zip(plain, graphed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -21,9 +21,12 @@ Details that decide numerical equality with the published models:
   the full window's relative-position index;
 - the shift mask adds ``-100`` (not ``-inf``) to pairs from different regions.
 
-``WindowAttention3D.forward`` takes channel-last grids ``(B, D, H, W, C)``. The fast path
-calls ``torch.nn.functional.scaled_dot_product_attention``, and runs windows that need no
-shift mask (the interior ones) apart from those that do, so the ``(windows, heads, N, N)``
+``WindowAttention3D.forward`` takes channel-last grids ``(B, D, H, W, C)``. Tokens enter the
+windows by one gather (the roll and the partition folded into a cached permutation of the
+padded grid) and leave by another (the inverse permutation, cropped). Inference on CUDA runs
+``zoo.kernels.window_attention`` (bias and border masks inside one Triton kernel); otherwise the
+fast path calls ``torch.nn.functional.scaled_dot_product_attention`` and runs windows that need
+no shift mask (the interior ones) apart from those that do, so the ``(windows, heads, N, N)``
 mask is built only for border windows. ``fused=False`` is the plain reference: explicit
 logits, softmax and weighted sum over all windows.
 """
@@ -156,6 +159,29 @@ def _split_mask_on_device(
     border_idx = border.nonzero().squeeze(1)
     inner_idx = (~border).nonzero().squeeze(1)
     return mask[border_idx].to(device), border_idx.to(device), inner_idx.to(device)
+
+
+@lru_cache(maxsize=64)
+def _window_token_order(
+    grid: Size3, padded: Size3, window: Size3, shift: Size3, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices for one image: padded-grid token -> window order, and window order -> grid token.
+
+    ``gather[j]`` is the flat index in the zero-padded ``padded`` grid of the ``j``-th token in
+    window order after rolling the grid by ``-shift`` (what ``roll`` + ``window_partition_3d``
+    produce); ``scatter[i]`` is the window-order position of the ``i``-th token of the unpadded
+    ``grid`` (what ``window_reverse_3d`` + ``roll`` by ``+shift`` + crop undo). Both are
+    permutations applied by one ``index_select`` each.
+    """
+    flat = torch.arange(padded[0] * padded[1] * padded[2]).view(1, *padded, 1)
+    if any(shift):
+        flat = torch.roll(flat, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    gather = window_partition_3d(flat, window).reshape(-1)
+    position = torch.empty_like(gather)
+    position[gather] = torch.arange(gather.numel())
+    D, H, W = grid
+    kept = torch.arange(padded[0] * padded[1] * padded[2]).view(padded)[:D, :H, :W].reshape(-1)
+    return gather.to(device), position[kept].to(device)
 
 
 @lru_cache(maxsize=64)
@@ -365,17 +391,16 @@ class WindowAttention3D(nn.Module):
         pad = [(window[a] - s % window[a]) % window[a] for a, s in enumerate((D, H, W))]
         padded = (D + pad[0], H + pad[1], W + pad[2])
         shifted = any(s > 0 for s in shift)
+        N = window[0] * window[1] * window[2]
+        gather, scatter = _window_token_order((D, H, W), padded, window, shift, x.device)
 
-        def to_windows(t: torch.Tensor) -> torch.Tensor:
+        def to_windows(t: torch.Tensor) -> torch.Tensor:  # pad, roll and partition as one gather
             if any(pad):
                 t = F.pad(t, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
-            if shifted:
-                t = torch.roll(t, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
-            return window_partition_3d(t, window)
+            return t.reshape(B, -1, C).index_select(1, gather).view(-1, N, C)
 
         x_win = to_windows(x)
         c_win = to_windows(context) if self.cross else None
-        N = x_win.shape[1]
         q, k, v = self._project(x_win, c_win)
         bias = self.relative_position_bias(N)
         if self._use_kernel(q):
@@ -401,12 +426,7 @@ class WindowAttention3D(nn.Module):
             out = self._attend_reference(q, k, v, bias, mask)
         out = out.transpose(1, 2).reshape(-1, N, C)
         out = self.proj_drop(self.proj(out))
-        out = window_reverse_3d(out, window, B, padded)
-        if shifted:
-            out = torch.roll(out, shifts=shift, dims=(1, 2, 3))
-        if any(pad):
-            out = out[:, :D, :H, :W].contiguous()
-        return out
+        return out.reshape(B, -1, C).index_select(1, scatter).view(B, D, H, W, C)
 
 
 class WindowTransformerBlock3D(nn.Module):

@@ -210,6 +210,8 @@ _EXPORTS = {
     "cycle": "api",
     "Assimilator": "api",
     "AdasAssimilator": "api",
+    "load_assimilator": "api",
+    "load_forecaster": "api",
     "Forecaster": "api",
     "ModelForecaster": "api",
     "StateLayout": "grid",

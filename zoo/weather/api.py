@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_che
 import numpy as np
 import torch
 
+from zoo.graphs import GraphedCall
 from zoo.progress import get_logger, progress
 from zoo.weather.grid import SPATIAL_DIMS, Normalisation, StateLayout, check_state
 from zoo.weather.io import write_netcdf
@@ -95,6 +96,15 @@ class AdasAssimilator:
     normalisation: Normalisation
     batch_size: int = 4
     autocast: torch.dtype | None = None
+    # on CUDA, replay each batch shape's forward from a CUDA graph (``zoo.graphs.GraphedCall``):
+    # for long cycles on one grid, where the model's kernel launches bound a small model
+    cuda_graph: bool = False
+    _graphed: GraphedCall | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _forward(self, bg: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The network on one normalised batch, under the configured autocast."""
+        with torch.autocast(bg.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model(bg, obs, mask)
 
     def analyse_tensor(
         self, background: torch.Tensor, observation: torch.Tensor, mask: torch.Tensor
@@ -112,13 +122,16 @@ class AdasAssimilator:
         bg = normalisation.normalise(background.to(device=device, dtype=torch.float32))
         obs = normalisation.normalise(observation.to(device=device, dtype=torch.float32))
         obs = torch.where(mask > 0, obs, torch.zeros_like(obs))  # NaN or anything unobserved never enters
+        forward = self._forward
+        if self.cuda_graph and device.type == "cuda":
+            if self._graphed is None:
+                self._graphed = GraphedCall(self._forward)
+            forward = self._graphed
         outs = []
         with torch.no_grad():
             for i in range(0, bg.shape[0], self.batch_size):
                 sl = slice(i, i + self.batch_size)
-                with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                    out = self.model(bg[sl], obs[sl], mask[sl])
-                outs.append(out.float())
+                outs.append(forward(bg[sl], obs[sl], mask[sl]).float())
         return normalisation.denormalise(torch.cat(outs))
 
     def __call__(self, background: xr.Dataset, observations: Any) -> xr.Dataset:
@@ -209,13 +222,19 @@ def _model_and_meta(
     return zoo.create(f"{entry.name}.{tag}", pretrained=True), entry.tags[tag].extra
 
 
-def load_assimilator(name_or_checkpoint: str | Path, device: str | torch.device = "cpu") -> AdasAssimilator:
-    """An :class:`AdasAssimilator` from a trained checkpoint (``.safetensors`` + ``.json``) or a shipped ``arch.tag``."""
+def load_assimilator(
+    name_or_checkpoint: str | Path, device: str | torch.device = "cpu", cuda_graph: bool = False
+) -> AdasAssimilator:
+    """An :class:`AdasAssimilator` from a trained checkpoint (``.safetensors`` + ``.json``) or a shipped ``arch.tag``.
+
+    ``cuda_graph``: on a CUDA device, replay the network from CUDA graphs (see :class:`AdasAssimilator`).
+    """
     model, meta = _model_and_meta(name_or_checkpoint, " (`zoo train weather adas ...`)")
     return AdasAssimilator(
         model.to(device),
         StateLayout.from_dict(meta["layout"]),
         Normalisation.from_dict(meta["normalisation"]),
+        cuda_graph=cuda_graph,
     )
 
 
