@@ -161,6 +161,30 @@ def _split_mask_on_device(
     return mask[border_idx].to(device), border_idx.to(device), inner_idx.to(device)
 
 
+class _TakeTokens(torch.autograd.Function):
+    """``x.index_select(1, index)`` for distinct indices; the backward writes rows back with
+    ``index_copy_`` (``index_select``'s own backward accumulates with atomic adds)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.tokens = x.shape[1]
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(grad.shape[0], ctx.tokens, *grad.shape[2:])
+        return out.index_copy_(1, index, grad), None
+
+
+def _take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Tokens ``index`` (distinct) of ``x (B, L, C)`` along dim 1."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _TakeTokens.apply(x, index)
+    return x.index_select(1, index)
+
+
 @lru_cache(maxsize=64)
 def _window_token_order(
     grid: Size3, padded: Size3, window: Size3, shift: Size3, device: torch.device
@@ -397,7 +421,7 @@ class WindowAttention3D(nn.Module):
         def to_windows(t: torch.Tensor) -> torch.Tensor:  # pad, roll and partition as one gather
             if any(pad):
                 t = F.pad(t, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
-            return t.reshape(B, -1, C).index_select(1, gather).view(-1, N, C)
+            return _take_tokens(t.reshape(B, -1, C), gather).view(-1, N, C)
 
         x_win = to_windows(x)
         c_win = to_windows(context) if self.cross else None
@@ -426,7 +450,7 @@ class WindowAttention3D(nn.Module):
             out = self._attend_reference(q, k, v, bias, mask)
         out = out.transpose(1, 2).reshape(-1, N, C)
         out = self.proj_drop(self.proj(out))
-        return out.reshape(B, -1, C).index_select(1, scatter).view(B, D, H, W, C)
+        return _take_tokens(out.reshape(B, -1, C), scatter).view(B, D, H, W, C)
 
 
 class WindowTransformerBlock3D(nn.Module):
