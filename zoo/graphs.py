@@ -9,8 +9,9 @@ on static copies of the inputs, and every call then copies its inputs into those
 replays, and returns a copy of the static output.
 
 ``fn`` must be a pure function of its tensor arguments with a fixed control flow for a given
-signature (no ``.item()``, no host synchronisation, no data-dependent shapes). CPU tensors and
-calls with autograd needed run ``fn`` directly.
+signature (no ``.item()``, no host synchronisation, no data-dependent shapes). Graphs replay
+inference only: calls with gradients enabled (outside ``torch.no_grad()`` /
+``torch.inference_mode()``) and calls on CPU tensors run ``fn`` directly.
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ class GraphedCall:
                 f"tensors: expected one or more tensors, got {[type(t).__name__ for t in tensors]}"
             )
         device = tensors[0].device
-        if device.type != "cuda" or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        if device.type != "cuda" or torch.is_grad_enabled():
             return self.fn(*tensors)
         if any(t.device != device for t in tensors):
             raise ValueError(f"tensors: expected all on {device}, got {[str(t.device) for t in tensors]}")
-        key = tuple((tuple(t.shape), t.dtype) for t in tensors) + (device, torch.is_grad_enabled())
+        key = tuple((tuple(t.shape), t.dtype) for t in tensors) + (device,)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture(tensors)
