@@ -5,7 +5,7 @@ import torch
 
 import zoo
 from zoo import checkpoints
-from zoo.weather.adas import Adas, conv3d_flat_depth, official_key_to_zoo, unify_mae
+from zoo.weather.adas import Adas, conv3d_as_2d, official_key_to_zoo, unify_mae
 from zoo.weather.adas_reference import (
     OfficialConfig,
     adas_reference_forward,
@@ -255,11 +255,18 @@ def test_adas_learns_from_observations():
 
 
 @pytest.mark.parametrize(
-    "kernel,padding,depth",
-    [((3, 5, 7), (1, 2, 3), 1), ((1, 1, 1), 0, 1), ((3, 3, 3), 1, 2)],
+    "kernel,padding,depth,fold",
+    [
+        ((3, 5, 7), (1, 2, 3), 1, False),
+        ((1, 1, 1), 0, 1, False),
+        ((3, 3, 3), 1, 2, False),
+        ((3, 3, 5), (1, 1, 2), 4, True),
+        ((3, 5, 7), (1, 2, 3), 3, True),
+        ((5, 1, 3), (2, 0, 1), 6, True),
+    ],
 )
-def test_depth_one_convolution_equals_conv3d(kernel, padding, depth):
-    """The 2D path on depth-1 inputs gives the Conv3d's values and gradients (fp64); depth 2 runs the Conv3d."""
+def test_convolution_as_2d_equals_conv3d(kernel, padding, depth, fold):
+    """Depth-1 inputs and depth-folded channels give the Conv3d's values and gradients (fp64)."""
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(6, 4, kernel, padding=padding).double()
     x = torch.randn(2, 6, depth, 9, 12, dtype=torch.float64, requires_grad=True)
@@ -269,13 +276,23 @@ def test_depth_one_convolution_equals_conv3d(kernel, padding, depth):
     ref_grads = [t.grad.clone() for t in (x, conv.weight, conv.bias)]
     for t in (x, conv.weight, conv.bias):
         t.grad = None
-    out = conv3d_flat_depth(conv, x)
+    out = conv3d_as_2d(conv, x, fold_depth=fold)
     (out * target).sum().backward()
+    assert out.shape == ref.shape
     torch.testing.assert_close(out, ref)
     for got, want in zip((x.grad, conv.weight.grad, conv.bias.grad), ref_grads):
         torch.testing.assert_close(got, want)
     if kernel[0] == 3 and depth == 1:  # only the centre slice meets data: the outer slices get no gradient
         assert conv.weight.grad[:, :, 0].abs().max() == 0 and conv.weight.grad[:, :, 1].abs().max() > 0
+
+
+def test_depth_folding_is_off_for_other_convolutions():
+    """A strided or unpadded Conv3d runs as itself even when folding is asked for."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 4, 8, 8, dtype=torch.float64)
+    for conv in (torch.nn.Conv3d(3, 2, 3, stride=2, padding=1), torch.nn.Conv3d(3, 2, 3)):
+        conv = conv.double()
+        torch.testing.assert_close(conv3d_as_2d(conv, x, fold_depth=True), conv(x))
 
 
 def test_fraction_schedule_starts_dense_and_ends_even():
@@ -306,3 +323,52 @@ def test_evaluation_reserve_covers_a_year_of_cycles():
     # 1458 cycles took 75 s on the H200 (tensor cycle loop) and the rest of the evaluation about a minute
     assert evaluation_minutes(1460) * 60 > 75 + 60
     assert evaluation_minutes(0) < evaluation_minutes(240) < evaluation_minutes(1460)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,grid",
+    [((1, 7, 6), (1, 6, 6), (3, 25, 24)), ((1, 2, 2), (1, 2, 2), (2, 8, 12)), ((7, 6), (6, 6), (19, 18))],
+)
+def test_patch_matmuls_equal_the_convolutions(kernel, stride, grid):
+    """Patch embedding and recovery as matrix products give the (transposed) convolutions' values and gradients (fp64)."""
+    from zoo.weather.adas import patch_embed, patch_recover
+
+    torch.manual_seed(0)
+    conv_cls, deconv_cls = (
+        (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
+        if len(kernel) == 3
+        else (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    )
+    conv = conv_cls(5, 8, kernel, stride=stride).double()
+    deconv = deconv_cls(8, 5, kernel, stride=stride).double()
+    with torch.no_grad():
+        deconv.bias.normal_()
+    x = torch.randn(2, 5, *grid, dtype=torch.float64, requires_grad=True)
+    tokens = conv(x)
+    got = patch_embed(x, conv)
+    torch.testing.assert_close(got, tokens.movedim(1, -1))
+    t = tokens.detach().movedim(1, -1).contiguous().requires_grad_(True)
+    want = deconv(t.movedim(-1, 1))
+    out = patch_recover(t, deconv)
+    assert out.shape == want.shape == x.shape
+    torch.testing.assert_close(out, want)
+    target = torch.randn_like(want)
+    grads = torch.autograd.grad((want * target).sum(), [t, deconv.weight, deconv.bias])
+    for g_got, g_want in zip(
+        torch.autograd.grad((out * target).sum(), [t, deconv.weight, deconv.bias]), grads
+    ):
+        torch.testing.assert_close(g_got, g_want)
+    grads = torch.autograd.grad((tokens * tokens.detach()).sum(), [x, conv.weight])
+    emb = patch_embed(x, conv).movedim(-1, 1)
+    for g_got, g_want in zip(torch.autograd.grad((emb * tokens.detach()).sum(), [x, conv.weight]), grads):
+        torch.testing.assert_close(g_got, g_want)
+
+
+def test_patch_recover_refuses_two_overlapping_axes():
+    from zoo.weather.adas import patch_recover
+
+    deconv = torch.nn.ConvTranspose2d(4, 2, (3, 3), stride=(2, 2))
+    with pytest.raises(
+        ValueError, match=r"deconv: expected kernel == stride but along one axis, got \(3, 3\) / \(2, 2\)"
+    ):
+        patch_recover(torch.randn(1, 4, 4, 4), deconv)

@@ -8,10 +8,11 @@ Swin, arXiv 2106.13230) attends among the ``N`` tokens of each window, for every
 with a learned ``(heads, N, N)`` relative position bias and, in shifted blocks, an additive
 ``(N, N)`` mask for the windows that the roll assembled from opposite ends of the grid. With
 windows of tens of tokens and heads of 8-32 channels, ``torch``'s fused attention kernels do not
-take the bias (the call falls back to explicit fp32 logits); here one program holds one
-window-head: it loads ``q``, ``k``, ``v`` (any strides, head size padded in registers only),
-computes the ``N x N`` logits in fp32, adds the bias and the window's mask (looked up through
-``mask_index``: ``-1`` for the windows without one), and writes the normalised output.
+take the bias (the call falls back to explicit fp32 logits); here one program holds up to 64
+queries of one window-head: it loads them and the window's ``k``, ``v`` (any strides, head size
+padded in registers only), computes the logits in fp32, adds the bias and the window's mask
+(looked up through ``mask_index``: ``-1`` for the windows without one), and writes the
+normalised output. Half-precision calls read the bias and masks in their own dtype.
 
 Forward only (inference): training runs ``torch``'s ``scaled_dot_product_attention``.
 ``window_attention_reference`` is the explicit computation.
@@ -135,20 +136,26 @@ if triton is not None:
         scale,
         HAS_MASKS: tl.constexpr,
         IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         pid = tl.program_id(0)
         window = pid // heads
         head = pid - window * heads
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         tokens = tl.arange(0, BLOCK_N)
         feats = tl.arange(0, BLOCK_D)
+        row_ok = rows < N
         tok_ok = tokens < N
-        tile_mask = tok_ok[:, None] & (feats < D)[None, :]
+        feat_ok = feats < D
         w64 = window.to(tl.int64)
         q = tl.load(
-            q_ptr + w64 * sqw + head * sqh + tokens[:, None] * sqn + feats[None, :], mask=tile_mask, other=0.0
+            q_ptr + w64 * sqw + head * sqh + rows[:, None] * sqn + feats[None, :],
+            mask=row_ok[:, None] & feat_ok[None, :],
+            other=0.0,
         )
+        tile_mask = tok_ok[:, None] & feat_ok[None, :]
         k = tl.load(
             k_ptr + w64 * skw + head * skh + tokens[:, None] * skn + feats[None, :], mask=tile_mask, other=0.0
         )
@@ -159,8 +166,8 @@ if triton is not None:
             logits = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             logits = tl.dot(q, tl.trans(k))
-        pair_mask = tok_ok[:, None] & tok_ok[None, :]
-        pairs = tokens[:, None] * N + tokens[None, :]
+        pair_mask = row_ok[:, None] & tok_ok[None, :]
+        pairs = rows[:, None] * N + tokens[None, :]
         logits = logits * scale + tl.load(bias_ptr + head * N * N + pairs, mask=pair_mask, other=0.0).to(
             tl.float32
         )
@@ -179,8 +186,8 @@ if triton is not None:
         else:
             out = tl.dot(weights.to(v.dtype), v)
         out = out / total[:, None]
-        o_ptrs = out_ptr + w64 * sow + head * soh + tokens[:, None] * son + feats[None, :]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        o_ptrs = out_ptr + w64 * sow + head * soh + rows[:, None] * son + feats[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])
 
 
 def window_attention(
@@ -217,13 +224,15 @@ def window_attention(
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if W == 0:
         return out
-    bias = bias.contiguous()
+    table_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    bias = bias.to(table_dtype).contiguous()
     has_masks = masks is not None
-    masks_arg = masks.contiguous() if has_masks else bias
+    masks_arg = masks.to(table_dtype).contiguous() if has_masks else bias
     index_arg = mask_index.to(torch.int32).contiguous() if has_masks else bias
     block_n = max(16, triton.next_power_of_2(N))
     block_d = max(16, triton.next_power_of_2(D))
-    _window_attention_kernel[(W * heads,)](
+    block_m = min(block_n, 64)
+    _window_attention_kernel[(W * heads, triton.cdiv(N, block_m))](
         q,
         k,
         v,
@@ -242,8 +251,9 @@ def window_attention(
         float(scale),
         HAS_MASKS=has_masks,
         IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        num_warps=4 if block_n <= 64 else 8,
+        num_warps=4,
     )
     return out

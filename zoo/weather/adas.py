@@ -42,7 +42,15 @@ from torch.utils.checkpoint import checkpoint
 from zoo.layers.norm import LayerNormAutocast
 from zoo.layers.window_attention import WindowTransformerBlock3D, relative_position_index_3d
 
-__all__ = ["Adas", "adas_token_grid", "checkpoint_filter_fn", "conv3d_flat_depth", "unify_mae"]
+__all__ = [
+    "Adas",
+    "adas_token_grid",
+    "checkpoint_filter_fn",
+    "conv3d_as_2d",
+    "patch_embed",
+    "patch_recover",
+    "unify_mae",
+]
 
 LONGITUDE_PERIODIC = (False, False, True)
 
@@ -65,27 +73,97 @@ def adas_token_grid(
     return depth, (H - kh) // ph + 1, (W - pw) // pw + 1
 
 
-def conv3d_flat_depth(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``; on a depth-1 input (one pressure level, no surface slab) as the equal 2D convolution.
+# (kh, kw) of the "same" Conv3d kernels that run faster as one Conv2d over depth-folded channels:
+# cuDNN's 2D kernels on Hopper beat its 3D ones for these (bench/results/weather_conv_variants.json)
+DEPTH_FOLDED_KERNELS = {(3, 5)}
 
-    With depth 1 and "same" zero padding along depth only the centre depth slice of the
-    kernel ever meets data, so ``conv2d`` with that slice gives the same values and gradients
-    at a third (kernel depth 3) of the cost. Anything else runs ``conv`` itself.
+
+def conv3d_as_2d(conv: nn.Conv3d, x: torch.Tensor, fold_depth: bool | None = None) -> torch.Tensor:
+    """``conv(x)`` for a stride-1 "same" Conv3d, as a 2D convolution where that is cheaper.
+
+    - Depth-1 input (one pressure level, no surface slab): with zero padding along depth only
+      the centre depth slice of the kernel meets data, so ``conv2d`` with that slice gives the
+      same values and gradients at a third (kernel depth 3) of the cost.
+    - ``fold_depth`` (default: on CUDA for the kernels in ``DEPTH_FOLDED_KERNELS``): the ``kd``
+      depth-shifted copies of the input are concatenated along channels and one ``conv2d``
+      with the ``(C_out, kd * C_in, kh, kw)`` kernel runs over every depth slice at once.
+
+    Anything else runs ``conv`` itself.
     """
-    kd = conv.kernel_size[0]
-    if (
-        x.shape[2] != 1
-        or conv.stride[0] != 1
-        or conv.dilation[0] != 1
-        or conv.padding[0] != kd // 2
-        or not kd % 2
-    ):
-        return conv(x)
-    weight = conv.weight[:, :, kd // 2]
-    out = F.conv2d(
-        x[:, :, 0], weight, conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:], conv.groups
+    kd, kh, kw = conv.kernel_size
+    same = (
+        conv.stride == (1, 1, 1)
+        and conv.dilation == (1, 1, 1)
+        and conv.groups == 1
+        and conv.padding == (kd // 2, kh // 2, kw // 2)
+        and kd % 2 == 1
+        and conv.padding_mode == "zeros"
     )
-    return out.unsqueeze(2)
+    if not same:
+        return conv(x)
+    if x.shape[2] == 1:
+        weight = conv.weight[:, :, kd // 2]
+        return F.conv2d(x[:, :, 0], weight, conv.bias, padding=conv.padding[1:]).unsqueeze(2)
+    if fold_depth is None:
+        fold_depth = x.is_cuda and (kh, kw) in DEPTH_FOLDED_KERNELS
+    if not fold_depth or kd == 1:
+        return conv(x)
+    B, C, D, H, W = x.shape
+    channels_last = F.pad(x.movedim(1, -1), (0, 0, 0, 0, 0, 0, kd // 2, kd // 2))
+    stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1)
+    weight = conv.weight.transpose(1, 2).reshape(conv.out_channels, kd * C, kh, kw)
+    out = F.conv2d(stacked.flatten(0, 1).permute(0, 3, 1, 2), weight, conv.bias, padding=(kh // 2, kw // 2))
+    return out.permute(0, 2, 3, 1).reshape(B, D, H, W, conv.out_channels).movedim(-1, 1)
+
+
+def patch_embed(x: torch.Tensor, conv: nn.Conv2d | nn.Conv3d) -> torch.Tensor:
+    """``conv(x)`` of an unpadded patch-embedding convolution (kernel >= stride) as patches @ weight.
+
+    Returns channels last, ``(B, *tokens, C_out)``: one matrix product instead of the strided
+    convolution (for few input channels cuDNN has only slow kernels for it).
+    """
+    n = conv.weight.dim() - 2
+    patches = x
+    for axis, (size, step) in enumerate(zip(conv.kernel_size, conv.stride)):
+        patches = patches.unfold(2 + axis, size, step)
+    patches = patches.permute(0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)).flatten(1 + n)
+    return F.linear(patches, conv.weight.flatten(1), conv.bias)
+
+
+def patch_recover(tokens: torch.Tensor, deconv: nn.ConvTranspose2d | nn.ConvTranspose3d) -> torch.Tensor:
+    """``deconv(tokens)`` of an unpadded patch-recovery transposed convolution, from channels-last tokens.
+
+    ``tokens (B, *T, C_in)``; returns ``(B, C_out, *out)``. Every token's patch is one matrix
+    product; where the kernel exceeds the stride along one axis (721 latitudes: kernel 7, stride
+    6) the overhanging rows are added onto the next patch's first rows.
+    """
+    n = deconv.weight.dim() - 2
+    kernel, stride = deconv.kernel_size, deconv.stride
+    B, T, C = tokens.shape[0], tokens.shape[1 : 1 + n], deconv.out_channels
+    overlap = [a for a in range(n) if kernel[a] != stride[a]]
+    if len(overlap) > 1 or any(not stride[a] < kernel[a] <= 2 * stride[a] for a in overlap):
+        raise ValueError(f"deconv: expected kernel == stride but along one axis, got {kernel} / {stride}")
+    patches = F.linear(tokens, deconv.weight.flatten(1).t()).view(*tokens.shape[: 1 + n], C, *kernel)
+
+    def tile(part: torch.Tensor) -> torch.Tensor:  # (B, *T, C, *k) -> (B, C, T0 * k0, T1 * k1, ...)
+        order = [0, 1 + n] + [d for a in range(n) for d in (1 + a, 2 + n + a)]
+        sizes = [T[a] * part.shape[2 + n + a] for a in range(n)]
+        return part.permute(order).reshape(B, C, *sizes)
+
+    if not overlap:
+        out = tile(patches)
+    else:
+        (a,) = overlap
+        s, k = stride[a], kernel[a]
+        out = F.pad(tile(patches.narrow(2 + n + a, 0, s)), [0, 0] * (n - 1 - a) + [0, s])
+        rows = out.unflatten(2 + a, (T[a] + 1, s))
+        rows.narrow(2 + a, 1, T[a]).narrow(3 + a, 0, k - s).add_(
+            tile(patches.narrow(2 + n + a, s, k - s)).unflatten(2 + a, (T[a], k - s))
+        )
+        out = out.narrow(2 + a, 0, (T[a] - 1) * s + k)
+    if deconv.bias is not None:
+        out = out + deconv.bias.view(1, C, *[1] * n).to(out.dtype)
+    return out
 
 
 class StateEmbedding(nn.Module):
@@ -110,10 +188,10 @@ class StateEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         S, V = self.surface_variables, self.upper_variables
-        upper = self.upper(x[:, S:].reshape(B, V, (C - S) // V, H, W))
+        upper = patch_embed(x[:, S:].reshape(B, V, (C - S) // V, H, W), self.upper)
         if self.surface is not None:
-            upper = torch.cat([upper, self.surface(x[:, :S]).unsqueeze(2)], dim=2)
-        return self.norm(upper.movedim(1, -1)).movedim(-1, 1)
+            upper = torch.cat([upper, patch_embed(x[:, :S], self.surface).unsqueeze(1)], dim=1)
+        return self.norm(upper).movedim(-1, 1)
 
 
 class StateRecovery(nn.Module):
@@ -133,10 +211,11 @@ class StateRecovery(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, depth, H', W', dim)`` channels last -> ``(B, S + V * L, H, W)``."""
         if self.surface is None:
-            return self.upper(x).flatten(1, 2)
-        surface = self.surface(x[:, :, -1])
-        upper = self.upper(x[:, :, :-1]).flatten(1, 2)
+            return patch_recover(x, self.upper).flatten(1, 2)
+        surface = patch_recover(x[:, -1], self.surface)
+        upper = patch_recover(x[:, :-1], self.upper).flatten(1, 2)
         return torch.cat([surface, upper], dim=1)
 
 
@@ -233,7 +312,7 @@ class GatedCrossAttention(nn.Module):
         obs_mid = self._run(self.observation_attn, obs, bg)
         bg = bg_mid * (1 - g) + self._run(self.background_attn_shifted, bg_mid * g, obs_mid)
         obs = self._run(self.observation_attn_shifted, obs_mid, bg_mid)
-        gate = torch.sigmoid(conv3d_flat_depth(self.gate_update, gate))
+        gate = torch.sigmoid(conv3d_as_2d(self.gate_update, gate))
         return [bg.movedim(-1, 1), obs.movedim(-1, 1), gate]
 
 
@@ -277,9 +356,9 @@ class GatedConvStage(nn.Module):
         bg, obs, gate = streams
         if skip is not None:
             bg, obs, gate = (torch.cat([a, b], dim=1) for a, b in zip(streams, skip))
-        bg = F.silu(conv3d_flat_depth(self.background_conv, bg))
-        gate = torch.sigmoid(conv3d_flat_depth(self.gate_conv, gate))
-        obs = F.silu(conv3d_flat_depth(self.observation_conv, obs)) * gate
+        bg = F.silu(conv3d_as_2d(self.background_conv, bg))
+        gate = torch.sigmoid(conv3d_as_2d(self.gate_conv, gate))
+        obs = F.silu(conv3d_as_2d(self.observation_conv, obs)) * gate
         out = self.cross(bg, obs, gate)
         return [o + s for o, s in zip(out, streams)]
 
@@ -455,14 +534,14 @@ class Adas(nn.Module):
         x = self.stages[2](s2)
         x = self.stages[3](x, s2)
         x = self.stages[4](x, s1)
-        x = conv3d_flat_depth(self.fusion, torch.cat(x, dim=1)).movedim(1, -1)
+        x = conv3d_as_2d(self.fusion, torch.cat(x, dim=1)).movedim(1, -1)
         for block in self.decoder:
             x = (
                 checkpoint(block, x, use_reentrant=False)
                 if self.grad_checkpointing and self.training
                 else block(x)
             )
-        out = self.recover(x.movedim(-1, 1))
+        out = self.recover(x)
         return background + scale * out if self.residual else out
 
 
