@@ -31,6 +31,11 @@ CASES = {
     "float16": (6, 2, 64, 12, 3, torch.float16, True),
 }
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# name: (images, windows per image, heads, N, head_dim, masked, dtype): whole images read through a token order
+ORDERED = {
+    "ordered_fp32": (2, 3, 2, 100, 12, True, torch.float32),
+    "ordered_plain_fp16": (3, 4, 2, 16, 8, False, torch.float16),
+}
 
 
 def exact(q, k, v, bias, scale, masks, mask_index):
@@ -73,11 +78,42 @@ def compare(windows, heads, N, d, per_image, dtype, strided, device="cpu") -> di
     return {"dtype": str(got.dtype), "shape": list(got.shape), "out": err(got), "reference": err(ref)}
 
 
+def compare_ordered(images, per_image, heads, N, d, masked, dtype, device="cpu", seed=0) -> dict:
+    """Whole images ``(images, heads, L, d)`` with windows given by a random token order, against a loop in fp64."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    L = per_image * N
+    q, k, v = (
+        torch.randn(images, L, heads, d, generator=gen, device=device).to(dtype).transpose(1, 2)
+        for _ in range(3)
+    )
+    bias = torch.randn(heads, N, N, generator=gen, device=device)
+    order = torch.randperm(L, generator=torch.Generator().manual_seed(seed)).to(device)
+    masks = mask_index = None
+    if masked:
+        masks = torch.where(torch.randn(2, N, N, generator=gen, device=device) > 0, -100.0, 0.0)
+        mask_index = torch.tensor([(-1, 0, 1)[w % 3] for w in range(per_image)], device=device)
+    scale = d**-0.5
+    want = torch.empty(images, heads, L, d, dtype=torch.float64, device=device)
+    for b in range(images):
+        for w in range(per_image):
+            rows = order[w * N : (w + 1) * N]
+            logits = scale * q[b][:, rows].double() @ k[b][:, rows].double().transpose(-2, -1) + bias.double()
+            if masked and int(mask_index[w]) >= 0:
+                logits = logits + masks[int(mask_index[w])].double()
+            want[b][:, rows] = logits.softmax(-1) @ v[b][:, rows].double()
+    got = window_attention(q, k, v, bias, scale, masks, mask_index, token_order=order)
+    ref = window_attention_reference(q, k, v, bias, scale, masks, mask_index, token_order=order)
+    err = lambda t: float((t.double() - want).norm() / want.norm())  # noqa: E731
+    return {"dtype": str(got.dtype), "shape": list(got.shape), "out": err(got), "reference": err(ref)}
+
+
 # ------------------------------------------------------------------------- interpreted checks
 def main() -> None:
     from interpreter import print_check_rows
 
-    print_check_rows({name: (lambda case=case: compare(*case)) for name, case in CASES.items()})
+    checks = {name: (lambda case=case: compare(*case)) for name, case in CASES.items()}
+    checks.update({name: (lambda case=case: compare_ordered(*case)) for name, case in ORDERED.items()})
+    print_check_rows(checks)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +129,15 @@ def test_interpreted_kernel_matches_fp64(interpreted, case):
     assert row is not None and "error" not in row, row
     windows, heads, N, d, _, dtype, _ = CASES[case]
     assert row["shape"] == [windows, heads, N, d] and row["dtype"] == str(dtype)
+    assert row["out"] < TOLERANCE[dtype] and row["reference"] < TOLERANCE[dtype], row
+
+
+@pytest.mark.parametrize("case", list(ORDERED))
+def test_interpreted_kernel_reads_windows_through_the_token_order(interpreted, case):
+    row = interpreted.get(case)
+    assert row is not None and "error" not in row, row
+    images, per_image, heads, N, d, _, dtype = ORDERED[case]
+    assert row["shape"] == [images, heads, per_image * N, d] and row["dtype"] == str(dtype)
     assert row["out"] < TOLERANCE[dtype] and row["reference"] < TOLERANCE[dtype], row
 
 
@@ -122,6 +167,12 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
         ({"masks": None}, "masks, mask_index: expected both or neither"),
         ({"mask_index": torch.tensor([0, -1, 0])}, "mask_index: expected a length dividing the 2 windows"),
         ({"masks": torch.zeros(1, 8, 9)}, r"masks: expected shape \(num_masks, 8, 8\)"),
+        ({"token_order": torch.arange(7)}, "token_order: expected a permutation of the 8 tokens of an image"),
+        ({"token_order": torch.arange(8.0)}, "token_order: expected a permutation of the 8 tokens"),
+        (
+            {"token_order": torch.arange(8), "bias": torch.randn(2, 3, 3)},
+            "token_order: expected a permutation of the 8 tokens of an image, windows of 3",
+        ),
     ],
 )
 def test_bad_inputs_are_refused(change, match):
@@ -132,11 +183,19 @@ def test_bad_inputs_are_refused(change, match):
         "bias": torch.randn(2, 8, 8),
         "masks": torch.zeros(1, 8, 8),
         "mask_index": torch.tensor([0, -1]),
+        "token_order": None,
     }
     args.update(change)
     with pytest.raises(ValueError, match=match):
         window_attention(
-            args["q"], args["k"], args["v"], args["bias"], 0.5, args["masks"], args["mask_index"]
+            args["q"],
+            args["k"],
+            args["v"],
+            args["bias"],
+            0.5,
+            args["masks"],
+            args["mask_index"],
+            token_order=args["token_order"],
         )
 
 
@@ -146,6 +205,13 @@ def test_bad_inputs_are_refused(change, match):
 @pytest.mark.parametrize("case", [(1792, 8, 64, 12, 448), (300, 8, 100, 24, 150), (64, 4, 32, 32, 0)])
 def test_gpu_kernel_matches_fp64(dtype, case):
     row = compare(*case, dtype, True, device="cuda")
+    assert row["out"] < TOLERANCE[dtype], row
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_kernel_reads_windows_through_the_token_order(dtype):
+    row = compare_ordered(2, 40, 8, 100, 24, True, dtype, device="cuda")
     assert row["out"] < TOLERANCE[dtype], row
 
 

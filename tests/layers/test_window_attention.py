@@ -222,3 +222,35 @@ def test_input_gradient_matches_dense_pairwise_reference(grid, window, shift, cr
     want = torch.autograd.grad((dense_reference(attn, x, ctx) * weights).sum(), inputs)
     for g, w in zip(got, want):
         assert ((g - w).norm() / w.norm()) < 1e-5
+
+
+GRID_CASES = CASES[:2] + [((2, 4, 8), (2, 2, 4), (1, 1, 2), True, (False, False, True))]
+
+
+@pytest.mark.parametrize("grid,window,shift,cross,periodic", GRID_CASES)
+def test_windows_read_through_the_token_order_match_dense_reference(
+    grid, window, shift, cross, periodic, monkeypatch
+):
+    """Unpadded inference path: projection on the grid, windows read in place (``token_order``), projection back."""
+    attn = WindowAttention3D(16, 2, window, shift, cross=cross, periodic_axes=periodic).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    calls = []
+    original = attn._attend_on_grid
+    monkeypatch.setattr(attn, "_use_kernel_on_grid", lambda *args: True)
+    monkeypatch.setattr(attn, "_attend_on_grid", lambda *args: calls.append(1) or original(*args))
+    x = torch.randn(2, *grid, 16)
+    ctx = torch.randn(2, *grid, 16) if cross else None
+    with torch.no_grad():
+        out = attn(x, ctx)
+        ref = dense_reference(attn, x, ctx)
+    assert calls == [1] and out.shape == x.shape
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_grid_path_is_inference_only():
+    attn = WindowAttention3D(16, 2, (2, 2, 4), (0, 0, 0))
+    x = torch.randn(1, 2, 4, 8, 16)
+    assert not attn._use_kernel_on_grid(x, None, 16)  # CPU
+    with torch.no_grad():
+        assert not attn._use_kernel_on_grid(x, None, 16)

@@ -40,16 +40,43 @@ MAX_HEAD_DIM = 64
 
 
 def _check(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor, masks: Tensor | None, mask_index: Tensor | None
-) -> None:
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor,
+    masks: Tensor | None,
+    mask_index: Tensor | None,
+    token_order: Tensor | None = None,
+) -> int:
+    """Validate the arguments; returns the number of windows."""
+    layout = "(images, heads, L, head_dim)" if token_order is not None else "(windows, heads, N, head_dim)"
     if not isinstance(q, Tensor) or q.dim() != 4 or not q.is_floating_point():
         got = f"{q.dtype} {tuple(q.shape)}" if isinstance(q, Tensor) else type(q).__name__
-        raise ValueError(f"q: expected a float tensor (windows, heads, N, head_dim), got {got}")
+        raise ValueError(f"q: expected a float tensor {layout}, got {got}")
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.shape != q.shape:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {got}")
     _, heads, N, _ = q.shape
+    windows = q.shape[0]
+    if token_order is not None:
+        N = bias.shape[-1] if isinstance(bias, Tensor) and bias.dim() == 3 else N
+        L = q.shape[2]
+        if (
+            not isinstance(token_order, Tensor)
+            or token_order.dtype not in (torch.int32, torch.int64)
+            or tuple(token_order.shape) != (L,)
+            or L % N
+        ):
+            got = (
+                f"{token_order.dtype} {tuple(token_order.shape)}"
+                if isinstance(token_order, Tensor)
+                else token_order
+            )
+            raise ValueError(
+                f"token_order: expected a permutation of the {L} tokens of an image, windows of {N} after each other, got {got}"
+            )
+        windows = q.shape[0] * (L // N)
     if not isinstance(bias, Tensor) or tuple(bias.shape) != (heads, N, N):
         got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
         raise ValueError(f"bias: expected shape ({heads}, {N}, {N}), got {got}")
@@ -66,10 +93,17 @@ def _check(
             raise ValueError(
                 f"mask_index: expected a non-empty 1-D integer tensor, got {mask_index.dtype} {tuple(mask_index.shape)}"
             )
-        if q.shape[0] % mask_index.numel():
+        if windows % mask_index.numel():
             raise ValueError(
-                f"mask_index: expected a length dividing the {q.shape[0]} windows, got {mask_index.numel()}"
+                f"mask_index: expected a length dividing the {windows} windows, got {mask_index.numel()}"
             )
+    return windows
+
+
+def _to_windows(t: Tensor, token_order: Tensor, N: int) -> Tensor:
+    """``(images, heads, L, d)`` -> ``(images * L / N, heads, N, d)`` in ``token_order``."""
+    images, heads, L, d = t.shape
+    return t[:, :, token_order].view(images, heads, L // N, N, d).transpose(1, 2).flatten(0, 1)
 
 
 def window_attention_reference(
@@ -80,12 +114,24 @@ def window_attention_reference(
     scale: float,
     masks: Tensor | None = None,
     mask_index: Tensor | None = None,
+    token_order: Tensor | None = None,
 ) -> Tensor:
     """Explicit ``softmax(scale q k^T + bias + mask) v`` in fp32; ``q, k, v (windows, heads, N, d)``.
 
     Window ``w`` uses ``masks[mask_index[w % len(mask_index)]]`` (none where the index is -1).
+    With ``token_order``, ``q, k, v`` are ``(images, heads, L, d)`` and window ``w`` of an image
+    holds its tokens ``token_order[w N : (w + 1) N]``; the output keeps the image order.
     """
-    _check(q, k, v, bias, masks, mask_index)
+    _check(q, k, v, bias, masks, mask_index, token_order)
+    if token_order is not None:
+        N = bias.shape[-1]
+        windowed = window_attention_reference(
+            *(_to_windows(t, token_order, N) for t in (q, k, v)), bias, scale, masks, mask_index
+        )
+        images, heads, L, d = q.shape
+        out = torch.empty_like(q)
+        out[:, :, token_order] = windowed.view(images, L // N, heads, N, d).transpose(1, 2).flatten(2, 3)
+        return out
     logits = scale * q.float() @ k.float().transpose(-2, -1) + bias.float()
     if masks is not None:
         per_window = torch.cat([torch.zeros_like(masks[:1]), masks]).float()[mask_index.long() + 1]
@@ -94,13 +140,17 @@ def window_attention_reference(
     return (logits.softmax(-1) @ v.float()).to(q.dtype)
 
 
-def window_attention_supports(q: Tensor) -> bool:
-    """Whether ``window_attention`` runs the Triton kernel on ``q`` (CUDA, or CPU interpreted)."""
+def window_attention_supports(q: Tensor, tokens: int | None = None) -> bool:
+    """Whether ``window_attention`` runs the Triton kernel on ``q`` (CUDA, or CPU interpreted).
+
+    ``tokens``: the window size ``N`` when ``q`` holds whole images (``token_order`` calls).
+    """
+    tokens = q.shape[2] if tokens is None and q.dim() == 4 else tokens
     return (
         triton is not None
         and q.dtype in _DTYPES
         and q.dim() == 4
-        and 0 < q.shape[2] <= MAX_TOKENS
+        and 0 < tokens <= MAX_TOKENS
         and 0 < q.shape[3] <= MAX_HEAD_DIM
         and triton_runs_on(q)
     )
@@ -116,8 +166,9 @@ if triton is not None:
         bias_ptr,
         masks_ptr,
         mask_index_ptr,
+        order_ptr,
         out_ptr,
-        sqw,  # (window, head, token) strides of q, k, v and out; the feature stride is 1
+        sqw,  # (window or image, head, token) strides of q, k, v and out; the feature stride is 1
         sqh,
         sqn,
         skw,
@@ -133,8 +184,10 @@ if triton is not None:
         N,
         D,
         num_indexed,
+        windows_per_image,
         scale,
         HAS_MASKS: tl.constexpr,
+        HAS_ORDER: tl.constexpr,
         IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -149,18 +202,31 @@ if triton is not None:
         row_ok = rows < N
         tok_ok = tokens < N
         feat_ok = feats < D
-        w64 = window.to(tl.int64)
+        if HAS_ORDER:  # tokens stay in image order; the window's rows are read through token_order
+            image = window // windows_per_image
+            first = (window - image * windows_per_image) * N
+            base = image.to(tl.int64)
+            q_rows = tl.load(order_ptr + first + rows, mask=row_ok, other=0).to(tl.int64)
+            kv_rows = tl.load(order_ptr + first + tokens, mask=tok_ok, other=0).to(tl.int64)
+        else:
+            base = window.to(tl.int64)
+            q_rows = rows
+            kv_rows = tokens
         q = tl.load(
-            q_ptr + w64 * sqw + head * sqh + rows[:, None] * sqn + feats[None, :],
+            q_ptr + base * sqw + head * sqh + q_rows[:, None] * sqn + feats[None, :],
             mask=row_ok[:, None] & feat_ok[None, :],
             other=0.0,
         )
         tile_mask = tok_ok[:, None] & feat_ok[None, :]
         k = tl.load(
-            k_ptr + w64 * skw + head * skh + tokens[:, None] * skn + feats[None, :], mask=tile_mask, other=0.0
+            k_ptr + base * skw + head * skh + kv_rows[:, None] * skn + feats[None, :],
+            mask=tile_mask,
+            other=0.0,
         )
         v = tl.load(
-            v_ptr + w64 * svw + head * svh + tokens[:, None] * svn + feats[None, :], mask=tile_mask, other=0.0
+            v_ptr + base * svw + head * svh + kv_rows[:, None] * svn + feats[None, :],
+            mask=tile_mask,
+            other=0.0,
         )
         if IEEE:
             logits = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -186,7 +252,7 @@ if triton is not None:
         else:
             out = tl.dot(weights.to(v.dtype), v)
         out = out / total[:, None]
-        o_ptrs = out_ptr + w64 * sow + head * soh + rows[:, None] * son + feats[None, :]
+        o_ptrs = out_ptr + base * sow + head * soh + q_rows[:, None] * son + feats[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & feat_ok[None, :])
 
 
@@ -199,6 +265,7 @@ def window_attention(
     masks: Tensor | None = None,
     mask_index: Tensor | None = None,
     out: Tensor | None = None,
+    token_order: Tensor | None = None,
 ) -> Tensor:
     """``softmax(scale q k^T + bias[head] + masks[mask_index[w]]) v`` per window ``w`` and head.
 
@@ -209,36 +276,45 @@ def window_attention(
     strides with unit feature stride, e.g. a transposed ``(windows, N, heads, d)`` buffer). CUDA
     tensors (and CPU ones under ``TRITON_INTERPRET=1``) run the kernel (no autograd); others the
     reference.
+
+    ``token_order``: ``q, k, v`` (and the output) are whole images ``(images, heads, L, d)`` in
+    their own token order, and window ``w`` of an image is made of the tokens
+    ``token_order[w N : (w + 1) N]`` (a permutation of ``range(L)``); the kernel reads and writes
+    them in place, so no copy of the tokens into window order is made.
     """
-    _check(q, k, v, bias, masks, mask_index)
+    windows = _check(q, k, v, bias, masks, mask_index, token_order)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1):
         raise ValueError(
             f"out: expected {q.dtype} {tuple(q.shape)} with unit last stride, got {out.dtype} {tuple(out.shape)}"
         )
-    if not window_attention_supports(q) or q.dtype != k.dtype or q.dtype != v.dtype:
-        result = window_attention_reference(q, k, v, bias, scale, masks, mask_index)
+    N = bias.shape[-1]
+    if not window_attention_supports(q, N) or q.dtype != k.dtype or q.dtype != v.dtype:
+        result = window_attention_reference(q, k, v, bias, scale, masks, mask_index, token_order)
         return result if out is None else out.copy_(result)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    W, heads, N, D = q.shape
+    heads, D = q.shape[1], q.shape[3]
     if out is None:
         out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    if W == 0:
+    if windows == 0:
         return out
     table_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     bias = bias.to(table_dtype).contiguous()
     has_masks = masks is not None
+    has_order = token_order is not None
     masks_arg = masks.to(table_dtype).contiguous() if has_masks else bias
     index_arg = mask_index.to(torch.int32).contiguous() if has_masks else bias
+    order_arg = token_order.to(device=q.device, dtype=torch.int32).contiguous() if has_order else bias
     block_n = max(16, triton.next_power_of_2(N))
     block_d = max(16, triton.next_power_of_2(D))
     block_m = min(block_n, 64)
-    _window_attention_kernel[(W * heads, triton.cdiv(N, block_m))](
+    _window_attention_kernel[(windows * heads, triton.cdiv(N, block_m))](
         q,
         k,
         v,
         bias,
         masks_arg,
         index_arg,
+        order_arg,
         out,
         *q.stride()[:3],
         *k.stride()[:3],
@@ -248,8 +324,10 @@ def window_attention(
         N,
         D,
         mask_index.numel() if has_masks else 1,
+        q.shape[2] // N if has_order else 1,
         float(scale),
         HAS_MASKS=has_masks,
+        HAS_ORDER=has_order,
         IEEE=q.dtype == torch.float32,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.window_attention import window_attention, window_attention_supports
+from zoo.kernels.window_attention import MAX_HEAD_DIM, MAX_TOKENS, window_attention, window_attention_supports
 from zoo.layers.norm import LayerNormAutocast
 
 __all__ = [
@@ -407,6 +407,23 @@ class WindowAttention3D(nn.Module):
             and not torch.compiler.is_compiling()
         )
 
+    def _use_kernel_on_grid(self, x: torch.Tensor, context: torch.Tensor | None, tokens: int) -> bool:
+        """Inference on CUDA without padding: the kernel reads the windows straight from the projected grid."""
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (context is not None and context.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
+        )
+        return (
+            self.fused
+            and x.is_cuda
+            and not needs_grad
+            and not (self.training and self.attn_drop > 0)
+            and tokens <= MAX_TOKENS
+            and self.head_dim <= MAX_HEAD_DIM
+            and not torch.compiler.is_compiling()
+        )
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Attend inside (shifted) windows of ``x`` ``(B, D, H, W, C)`` (keys/values from ``context`` if cross)."""
         self._check(x, context)
@@ -417,6 +434,8 @@ class WindowAttention3D(nn.Module):
         shifted = any(s > 0 for s in shift)
         N = window[0] * window[1] * window[2]
         gather, scatter = _window_token_order((D, H, W), padded, window, shift, x.device)
+        if not any(pad) and self._use_kernel_on_grid(x, context, N):
+            return self._attend_on_grid(x, context, gather, window, shift, padded)
 
         def to_windows(t: torch.Tensor) -> torch.Tensor:  # pad, roll and partition as one gather
             if any(pad):
@@ -451,6 +470,32 @@ class WindowAttention3D(nn.Module):
         out = out.transpose(1, 2).reshape(-1, N, C)
         out = self.proj_drop(self.proj(out))
         return _take_tokens(out.reshape(B, -1, C), scatter).view(B, D, H, W, C)
+
+    def _attend_on_grid(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        token_order: torch.Tensor,
+        window: Size3,
+        shift: Size3,
+        grid: Size3,
+    ) -> torch.Tensor:
+        """Project every token in place, attend with the windows read through ``token_order``, project back."""
+        B, D, H, W, C = x.shape
+        q, k, v = self._project(x.reshape(B, -1, C), None if context is None else context.reshape(B, -1, C))
+        masks = index = None
+        if any(s > 0 for s in shift):
+            masks, index = _mask_index_on_device(
+                grid, window, shift, self.periodic_axes, self.mask_fill, x.device
+            )
+        N = window[0] * window[1] * window[2]
+        h, hd = self.num_heads, self.head_dim
+        out = torch.empty(B, D * H * W, h, hd, device=x.device, dtype=q.dtype)
+        bias = self.relative_position_bias(N)
+        window_attention(
+            q, k, v, bias, self.scale, masks, index, out=out.transpose(1, 2), token_order=token_order
+        )
+        return self.proj_drop(self.proj(out.view(B, D, H, W, C)))
 
 
 class WindowTransformerBlock3D(nn.Module):
