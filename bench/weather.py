@@ -1,10 +1,10 @@
 """Speed of one Adas assimilation (FengWu-Adas, arXiv 2312.12462) against the upstream-style computation.
 
-Both run the same random weights: ours (``zoo.weather.create_model`` with the official checkpoint loaded,
-window attention through ``torch.nn.functional.scaled_dot_product_attention``, shift masks only
-on border windows) and ``zoo.weather.adas_reference`` (the official computation order:
-explicit ``q k^T``, bias and mask added to the full logits, softmax, weighted sum), at batch 1
-under bf16 autocast, for the two published configurations:
+Both run the same random weights: ours (``zoo.weather.create_model`` with the official checkpoint loaded;
+at inference window attention through ``zoo.kernels.window_attention``) and
+``zoo.weather.adas_reference`` (the official computation order: explicit ``q k^T``, bias and mask
+added to the full logits, softmax, weighted sum), at batch 1 under bf16 autocast, for the two
+published configurations:
 
 - 128 x 256 (1.40625 deg), d 96, patch (1, 2, 2), window (2, 4, 8) - upstream 66.6 ms on an H200;
 - 721 x 1440 (0.25 deg), d 192, patch (1, 6, 6), window (2, 5, 10) - upstream 487 ms on an H200.
