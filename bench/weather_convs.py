@@ -14,29 +14,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from zoo.weather import create_model
-from zoo.weather.adas import conv3d_as_2d
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.weather import timed  # noqa: E402
+from zoo.weather import create_model  # noqa: E402
+from zoo.weather.adas import conv3d_as_2d  # noqa: E402
 
 SIZES = {"small": "adas_fengwu69_1p40625", "large": "adas_fengwu69_0p25"}
-
-
-def gpu_ms(fn, iters: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def conv_shapes(model) -> list[tuple[str, torch.nn.Conv3d, tuple[int, int, int]]]:
@@ -80,8 +71,10 @@ def main() -> None:
                     "out_channels": conv.out_channels,
                     "kernel": list(conv.kernel_size),
                     "tokens": list(grid),
-                    "conv3d_ms": gpu_ms(lambda conv=conv, x=x: conv(x)),
-                    "depth_folded_ms": gpu_ms(lambda conv=conv, x=x: conv3d_as_2d(conv, x, fold_depth=True)),
+                    "conv3d_ms": timed(lambda conv=conv, x=x: conv(x), 10, 3, x.device)["median_ms"],
+                    "depth_folded_ms": timed(
+                        lambda conv=conv, x=x: conv3d_as_2d(conv, x, fold_depth=True), 10, 3, x.device
+                    )["median_ms"],
                     "rel_diff": float((got - want).norm() / want.norm()),
                 }
             row["speedup"] = row["conv3d_ms"] / row["depth_folded_ms"]
