@@ -1,9 +1,12 @@
-"""Adas's "same" 3D convolutions on a GPU: cuDNN's Conv3d against one Conv2d over depth-folded channels.
+"""Adas's "same" 3D convolutions on a GPU: cuDNN's Conv3d against Conv2d over depth-folded channels.
 
 For every gated-convolution shape of the two published configurations (721 x 1440, d 192 and
-128 x 256, d 96; batch 1, bf16, channels-last activations as in the model) times
-``conv(x)`` and ``zoo.weather.adas.conv3d_as_2d(conv, x, fold_depth=True)``, and checks they
-agree. The kernels where folding wins are listed in ``zoo.weather.adas.DEPTH_FOLDED_KERNELS``.
+128 x 256, d 96; batch 1, bf16, channels-last activations as in the model) times ``conv(x)``
+and ``zoo.weather.adas.conv3d_as_2d(conv, x, fold_depth=True, tiles=...)`` for each split of
+the kernel's (rows, columns) into tiles in ``TILINGS`` (one Conv2d per tile), and checks they
+agree. The splits that win are listed in ``zoo.weather.adas.DEPTH_FOLDED_TILES``; ``best``
+per kernel is the split with the least time summed over the shapes of a size, weighted by how
+often each runs per assimilation (three streams per stage, one fusion).
 Writes ``--out/weather_conv_variants.json``.
 
     python bench/weather_convs.py --out bench/results
@@ -28,6 +31,18 @@ from zoo.weather import create_model  # noqa: E402
 from zoo.weather.adas import conv3d_as_2d  # noqa: E402
 
 SIZES = {"small": "adas_fengwu69_1p40625", "large": "adas_fengwu69_0p25"}
+TILINGS = {
+    (5, 7): [
+        ((5,), (7,)),
+        ((3, 2), (7,)),
+        ((5,), (4, 3)),
+        ((3, 2), (4, 3)),
+        ((3, 2), (5, 2)),
+        ((5,), (5, 2)),
+    ],
+    (3, 5): [((3,), (5,)), ((3,), (3, 2))],
+    (3, 3): [((3,), (3,))],
+}
 
 
 def conv_shapes(model) -> list[tuple[str, torch.nn.Conv3d, tuple[int, int, int]]]:
@@ -47,6 +62,21 @@ def conv_shapes(model) -> list[tuple[str, torch.nn.Conv3d, tuple[int, int, int]]
     return shapes + [("fusion", model.fusion, grids[0])]
 
 
+def best_tilings(rows: list[dict]) -> dict:
+    """Per size and kernel (rows, columns): the fastest of Conv3d and each split, by time weighted by uses."""
+    best = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["size"], str(tuple(row["kernel"][1:]))), []).append(row)
+    for (size, kernel), group in groups.items():
+        totals = {"conv3d": sum(r["uses"] * r["conv3d_ms"] for r in group)}
+        for key in group[0]["depth_folded_ms"]:
+            totals[key] = sum(r["uses"] * r["depth_folded_ms"][key] for r in group)
+        choice = min(totals, key=totals.get)
+        best[f"{size} {kernel}"] = {"choice": choice, "ms": totals}
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results")
@@ -63,7 +93,6 @@ def main() -> None:
             x = x.contiguous(memory_format=torch.channels_last_3d)
             with torch.no_grad():
                 want = conv(x).float()
-                got = conv3d_as_2d(conv, x, fold_depth=True).float()
                 row = {
                     "size": size,
                     "conv": name,
@@ -71,17 +100,28 @@ def main() -> None:
                     "out_channels": conv.out_channels,
                     "kernel": list(conv.kernel_size),
                     "tokens": list(grid),
+                    "uses": 1 if name == "fusion" else 3,
                     "conv3d_ms": timed(lambda conv=conv, x=x: conv(x), 10, 3, x.device)["median_ms"],
-                    "depth_folded_ms": timed(
-                        lambda conv=conv, x=x: conv3d_as_2d(conv, x, fold_depth=True), 10, 3, x.device
-                    )["median_ms"],
-                    "rel_diff": float((got - want).norm() / want.norm()),
+                    "depth_folded_ms": {},
+                    "rel_diff": {},
                 }
-            row["speedup"] = row["conv3d_ms"] / row["depth_folded_ms"]
+                for tiles in TILINGS[tuple(conv.kernel_size[1:])]:
+                    key = f"rows {tiles[0]} cols {tiles[1]}"
+                    got = conv3d_as_2d(conv, x, fold_depth=True, tiles=tiles).float()
+                    row["rel_diff"][key] = float((got - want).norm() / want.norm())
+                    row["depth_folded_ms"][key] = timed(
+                        lambda conv=conv, x=x, tiles=tiles: conv3d_as_2d(
+                            conv, x, fold_depth=True, tiles=tiles
+                        ),
+                        10,
+                        3,
+                        x.device,
+                    )["median_ms"]
             rows.append(row)
+            folded = " ".join(f"[{k}] {v:.3f}" for k, v in row["depth_folded_ms"].items())
             print(
                 f"{size:6s} {name:8s} {str(tuple(conv.kernel_size)):10s} {conv.in_channels:4d}->{conv.out_channels:<4d}"
-                f" conv3d {row['conv3d_ms']:7.3f} ms  folded {row['depth_folded_ms']:7.3f} ms  x{row['speedup']:.2f}",
+                f" conv3d {row['conv3d_ms']:7.3f} ms  folded {folded}",
                 flush=True,
             )
         del model
@@ -92,7 +132,9 @@ def main() -> None:
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
         "rows": rows,
+        "best": best_tilings(rows),
     }
+    print("best", json.dumps(result["best"]))
     (out / "weather_conv_variants.json").write_text(json.dumps(result, indent=1))
     print("written", out / "weather_conv_variants.json")
 

@@ -286,6 +286,31 @@ def test_convolution_as_2d_equals_conv3d(kernel, padding, depth, fold):
         assert conv.weight.grad[:, :, 0].abs().max() == 0 and conv.weight.grad[:, :, 1].abs().max() > 0
 
 
+@pytest.mark.parametrize("tiles", [((3, 2), (7,)), ((5,), (4, 3)), ((3, 2), (5, 2)), ((1, 1, 3), (2, 2, 3))])
+def test_tiled_depth_folding_equals_conv3d(tiles):
+    """The (5, 7) kernel split into row and column tiles, one Conv2d each: the Conv3d's values and gradients (fp64)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 4, (3, 5, 7), padding=(1, 2, 3)).double()
+    x = torch.randn(2, 6, 3, 9, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 4, 3, 9, 12, dtype=torch.float64)
+    ref = conv(x)
+    ref_grads = torch.autograd.grad((ref * target).sum(), [x, conv.weight, conv.bias])
+    out = conv3d_as_2d(conv, x, fold_depth=True, tiles=tiles)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad((out * target).sum(), [x, conv.weight, conv.bias])
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_bad_tiles_are_refused():
+    conv = torch.nn.Conv3d(2, 2, (3, 5, 7), padding=(1, 2, 3))
+    with pytest.raises(
+        ValueError,
+        match=r"tiles: expected row sizes summing to 5 and column sizes to 7, got \(3, 3\), \(7,\)",
+    ):
+        conv3d_as_2d(conv, torch.randn(1, 2, 2, 6, 8), fold_depth=True, tiles=((3, 3), (7,)))
+
+
 def test_depth_folding_is_off_for_other_convolutions():
     """A strided or unpadded Conv3d runs as itself even when folding is asked for."""
     torch.manual_seed(0)

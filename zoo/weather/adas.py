@@ -73,20 +73,28 @@ def adas_token_grid(
     return depth, (H - kh) // ph + 1, (W - pw) // pw + 1
 
 
-# (kh, kw) of the "same" Conv3d kernels that run faster as one Conv2d over depth-folded channels:
-# cuDNN's 2D kernels on Hopper beat its 3D ones for these (bench/results/weather_conv_variants.json)
-DEPTH_FOLDED_KERNELS = {(3, 5)}
+# (kh, kw) of the "same" Conv3d kernels that run faster as Conv2d over depth-folded channels, with
+# the kernel's (rows, columns) split into tiles, one Conv2d per tile: cuDNN's 2D kernels on Hopper
+# beat its 3D ones for these (bench/results/weather_conv_variants.json)
+DEPTH_FOLDED_TILES: dict[tuple[int, int], tuple[tuple[int, ...], tuple[int, ...]]] = {(3, 5): ((3,), (5,))}
 
 
-def conv3d_as_2d(conv: nn.Conv3d, x: torch.Tensor, fold_depth: bool | None = None) -> torch.Tensor:
-    """``conv(x)`` for a stride-1 "same" Conv3d, as a 2D convolution where that is cheaper.
+def conv3d_as_2d(
+    conv: nn.Conv3d,
+    x: torch.Tensor,
+    fold_depth: bool | None = None,
+    tiles: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> torch.Tensor:
+    """``conv(x)`` for a stride-1 "same" Conv3d, as 2D convolutions where that is cheaper.
 
     - Depth-1 input (one pressure level, no surface slab): with zero padding along depth only
       the centre depth slice of the kernel meets data, so ``conv2d`` with that slice gives the
       same values and gradients at a third (kernel depth 3) of the cost.
-    - ``fold_depth`` (default: on CUDA for the kernels in ``DEPTH_FOLDED_KERNELS``): the ``kd``
-      depth-shifted copies of the input are concatenated along channels and one ``conv2d``
-      with the ``(C_out, kd * C_in, kh, kw)`` kernel runs over every depth slice at once.
+    - ``fold_depth`` (default: on CUDA for the kernels in ``DEPTH_FOLDED_TILES``): the ``kd``
+      depth-shifted copies of the input are concatenated along channels and ``conv2d`` with the
+      ``(C_out, kd * C_in, kh, kw)`` kernel runs over every depth slice at once; ``tiles``
+      (row sizes, column sizes; default from ``DEPTH_FOLDED_TILES``, else one tile) splits the
+      kernel into blocks, one unpadded ``conv2d`` each on the zero-padded input, summed.
 
     Anything else runs ``conv`` itself.
     """
@@ -105,14 +113,36 @@ def conv3d_as_2d(conv: nn.Conv3d, x: torch.Tensor, fold_depth: bool | None = Non
         weight = conv.weight[:, :, kd // 2]
         return F.conv2d(x[:, :, 0], weight, conv.bias, padding=conv.padding[1:]).unsqueeze(2)
     if fold_depth is None:
-        fold_depth = x.is_cuda and (kh, kw) in DEPTH_FOLDED_KERNELS
+        fold_depth = x.is_cuda and (kh, kw) in DEPTH_FOLDED_TILES
     if not fold_depth or kd == 1:
         return conv(x)
+    rows, cols = tiles or DEPTH_FOLDED_TILES.get((kh, kw), ((kh,), (kw,)))
+    if sum(rows) != kh or sum(cols) != kw or min(rows + cols) < 1:
+        raise ValueError(
+            f"tiles: expected row sizes summing to {kh} and column sizes to {kw}, got {rows}, {cols}"
+        )
     B, C, D, H, W = x.shape
-    channels_last = F.pad(x.movedim(1, -1), (0, 0, 0, 0, 0, 0, kd // 2, kd // 2))
-    stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1)
     weight = conv.weight.transpose(1, 2).reshape(conv.out_channels, kd * C, kh, kw)
-    out = F.conv2d(stacked.flatten(0, 1).permute(0, 3, 1, 2), weight, conv.bias, padding=(kh // 2, kw // 2))
+    if len(rows) == len(cols) == 1:
+        channels_last = F.pad(x.movedim(1, -1), (0, 0, 0, 0, 0, 0, kd // 2, kd // 2))
+        stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1)
+        out = F.conv2d(
+            stacked.flatten(0, 1).permute(0, 3, 1, 2), weight, conv.bias, padding=(kh // 2, kw // 2)
+        )
+    else:
+        padding = (0, 0, kw // 2, kw // 2, kh // 2, kh // 2, kd // 2, kd // 2)
+        channels_last = F.pad(x.movedim(1, -1), padding)
+        stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1).flatten(0, 1)
+        out = None
+        row = 0
+        for height in rows:
+            col = 0
+            for width in cols:
+                part = stacked[:, row : row + H + height - 1, col : col + W + width - 1].permute(0, 3, 1, 2)
+                tile = weight[:, :, row : row + height, col : col + width]
+                out = F.conv2d(part, tile, conv.bias) if out is None else out + F.conv2d(part, tile)
+                col += width
+            row += height
     return out.permute(0, 2, 3, 1).reshape(B, D, H, W, conv.out_channels).movedim(-1, 1)
 
 
