@@ -97,8 +97,7 @@ def conv3d_as_2d(
       depth-shifted copies of the input are concatenated along channels and ``conv2d`` with the
       ``(C_out, kd * C_in, kh, kw)`` kernel runs over every depth slice at once; ``tiles``
       (row sizes, column sizes; default from ``DEPTH_FOLDED_TILES``, else one tile) splits the
-      kernel into blocks, one ``conv2d`` each with the whole kernel's padding, whose outputs,
-      shifted by the block's offset, are summed (no copies of the input per block).
+      kernel into blocks, one unpadded ``conv2d`` each on the zero-padded input, summed.
 
     Anything else runs ``conv`` itself.
     """
@@ -127,22 +126,24 @@ def conv3d_as_2d(
         )
     B, C, D, H, W = x.shape
     weight = conv.weight.transpose(1, 2).reshape(conv.out_channels, kd * C, kh, kw)
-    channels_last = F.pad(x.movedim(1, -1), (0, 0, 0, 0, 0, 0, kd // 2, kd // 2))
-    stacked = (
-        torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1).flatten(0, 1).permute(0, 3, 1, 2)
-    )
     if len(rows) == len(cols) == 1:
-        out = F.conv2d(stacked, weight, conv.bias, padding=(kh // 2, kw // 2))
-    else:  # each tile sees the whole zero-padded input; its outputs are shifted by the tile's offset
+        channels_last = F.pad(x.movedim(1, -1), (0, 0, 0, 0, 0, 0, kd // 2, kd // 2))
+        stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1)
+        out = F.conv2d(
+            stacked.flatten(0, 1).permute(0, 3, 1, 2), weight, conv.bias, padding=(kh // 2, kw // 2)
+        )
+    else:
+        padding = (0, 0, kw // 2, kw // 2, kh // 2, kh // 2, kd // 2, kd // 2)
+        channels_last = F.pad(x.movedim(1, -1), padding)
+        stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1).flatten(0, 1)
         out = None
         row = 0
         for height in rows:
             col = 0
             for width in cols:
+                part = stacked[:, row : row + H + height - 1, col : col + W + width - 1].permute(0, 3, 1, 2)
                 tile = weight[:, :, row : row + height, col : col + width]
-                part = F.conv2d(stacked, tile, conv.bias if out is None else None, padding=(kh // 2, kw // 2))
-                part = part[:, :, row : row + H, col : col + W]
-                out = part if out is None else out + part
+                out = F.conv2d(part, tile, conv.bias) if out is None else out + F.conv2d(part, tile)
                 col += width
             row += height
     return out.permute(0, 2, 3, 1).reshape(B, D, H, W, conv.out_channels).movedim(-1, 1)
