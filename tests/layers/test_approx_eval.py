@@ -205,3 +205,32 @@ def test_distill_command_end_to_end_tiny(tmp_path):
         tmp_path / "o" / "student_sea.safetensors"
     ).exists()
     assert main(["train", "distill-sea", "--compressed-len", "10", "--out", str(tmp_path)]) == 2
+
+
+def test_scatterbrain_splits_stay_within_the_budget():
+    """Other splits of Scatterbrain's budget cost no more than it; more share -> more features, fewer entries."""
+    from zoo.layers.approx_eval import _scatterbrain_cost, _split_budget
+
+    n, d = 96, 16
+    rows = equal_budget_scatterbrain(
+        [_structured_sample(n=n, d=d)], num_features=8, window=8, trials=1, feature_shares=(0.2, 0.8)
+    )
+    for r in rows:
+        budget = r["scatterbrain"][r["budget"]]
+        splits = r["splits"]
+        assert splits[0] == {"num_features": 8, "window": 8, "rel_error": r["rel_error"]["scatterbrain"]}
+        for x in splits:
+            assert (
+                _scatterbrain_cost(
+                    n, d, r["causal"], r["sparse"], x["num_features"], x["window"], r["budget"]
+                )
+                <= budget
+            )
+        best = r["best_split"]
+        assert best["rel_error"] == min(x["rel_error"] for x in splits)
+        assert best["below_both"] == (
+            best["rel_error"] < min(r["rel_error"]["sparse_only"], r["rel_error"]["lowrank_only"])
+        )
+    low, high = (_split_budget(n, d, False, "local", 4000.0, "entries", share) for share in (0.2, 0.8))
+    assert low[0] < high[0] and low[1] > high[1]
+    assert _scatterbrain_cost(n, d, False, "local", *high, "entries") <= 4000.0

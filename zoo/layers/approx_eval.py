@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -608,6 +608,44 @@ def _largest_window(n: int, causal: bool, sparse: str, d: int, budget: float, ki
     return w
 
 
+def _scatterbrain_error(q, k, v, exact, *, sparse, num_features, window, causal, trials, feature_map):
+    """Scatterbrain's relative error (and per head) averaged over ``trials`` draws of features and hashes."""
+    from zoo.layers.scatterbrain import draw_feature_projection, scatterbrain_attention
+
+    errors, heads = [], []
+    for trial in range(trials):
+        gen = torch.Generator().manual_seed(trial)
+        proj = draw_feature_projection(num_features, q.shape[-1], feature_map, generator=gen, device=q.device)
+        hv = torch.randn(1, q.shape[-1] + 2, generator=gen).to(q.device)
+        out = scatterbrain_attention(q, k, v, sparse=sparse, window=window, causal=causal, projection=proj,
+                                     hash_vectors=hv, feature_map=feature_map)  # fmt: skip
+        errors.append(relative_error(out, exact))
+        heads.append(_per_head_error(out, exact))
+    return sum(errors) / trials, (sum(heads) / trials).tolist()
+
+
+def _scatterbrain_cost(n: int, d: int, causal: bool, sparse: str, m: int, window: int, kind: str) -> float:
+    entries = (
+        _local_band_entries(n, window, causal) if sparse == "local" else n * window / (2 if causal else 1)
+    )
+    if kind == "flops":
+        return _performer_flops(n, d, m, causal) + entries * (4.0 * d + 2.0 * m + 2.0)
+    return n * m + entries
+
+
+def _split_budget(n: int, d: int, causal: bool, sparse: str, budget: float, kind: str, share: float):
+    """Scatterbrain's (features, window) spending about ``share`` of ``budget`` on features, the rest on the support."""
+    m = 2  # cosh features come in pairs
+    while _scatterbrain_cost(n, d, causal, sparse, m + 2, 1, kind) <= budget and (
+        _scatterbrain_cost(n, d, causal, sparse, m + 2, 0, kind) <= share * budget
+    ):
+        m += 2
+    w = 1
+    while w < n and _scatterbrain_cost(n, d, causal, sparse, m, w + 1, kind) <= budget:
+        w += 1
+    return m, w
+
+
 def equal_budget_scatterbrain(
     samples: list[AttentionSample],
     *,
@@ -616,6 +654,7 @@ def equal_budget_scatterbrain(
     trials: int = 3,
     device=None,
     feature_map: str = "cosh",
+    feature_shares: Sequence[float] = (),
 ) -> list[dict]:
     """Scatterbrain vs its sparse part and its low-rank part alone, each given Scatterbrain's budget.
 
@@ -625,6 +664,10 @@ def equal_budget_scatterbrain(
     gets the largest window (local band) or bucket (LSH) within the budget, low-rank-only the most
     random features; errors are averaged over ``trials`` draws of features and hashes. Scatterbrain
     and low-rank-only use the same ``feature_map`` ("cosh" or "positive").
+
+    ``feature_shares``: also run Scatterbrain at other splits of the same budget (about that share
+    spent on features, the rest on the support) and report the best split found on the sample
+    (``best_split``: an upper bound on what tuning the split could give).
     """
     from zoo.layers.scatterbrain import (
         draw_feature_projection,
@@ -648,15 +691,10 @@ def equal_budget_scatterbrain(
                 + entries * (4.0 * D + 2.0 * num_features + 2.0),
                 "entries": N * num_features + entries,
             }
-            sb_err, sb_heads = [], []
-            for trial in range(trials):
-                gen = torch.Generator().manual_seed(trial)
-                proj = draw_feature_projection(num_features, D, feature_map, generator=gen, device=q.device)
-                hv = torch.randn(1, D + 2, generator=gen).to(q.device)
-                out = scatterbrain_attention(q, k, v, sparse=sparse, window=window, causal=s.causal, projection=proj,
-                                             hash_vectors=hv, feature_map=feature_map)  # fmt: skip
-                sb_err.append(relative_error(out, exact))
-                sb_heads.append(_per_head_error(out, exact))
+            common = dict(sparse=sparse, causal=s.causal, trials=trials, feature_map=feature_map)
+            sb_mean, sb_per_head = _scatterbrain_error(
+                q, k, v, exact, num_features=num_features, window=window, **common
+            )
             for kind, budget in budgets.items():
                 w2 = _largest_window(N, s.causal, sparse, D, budget, kind, window)
                 if kind == "flops":
@@ -678,19 +716,16 @@ def equal_budget_scatterbrain(
                     sp_heads.append(_per_head_error(sp, exact))
                     lr_heads.append(_per_head_error(lr, exact))
                 heads = {
-                    name: (sum(x) / trials).tolist()
-                    for name, x in (
-                        ("scatterbrain", sb_heads),
-                        ("sparse_only", sp_heads),
-                        ("lowrank_only", lr_heads),
-                    )
+                    "scatterbrain": sb_per_head,
+                    "sparse_only": (sum(sp_heads) / trials).tolist(),
+                    "lowrank_only": (sum(lr_heads) / trials).tolist(),
                 }
                 best_heads = [
                     sb < min(sp, lr)
                     for sb, sp, lr in zip(heads["scatterbrain"], heads["sparse_only"], heads["lowrank_only"])
                 ]
                 mean = {
-                    "scatterbrain": sum(sb_err) / trials,
+                    "scatterbrain": sb_mean,
                     "sparse_only": sum(sp_err) / trials,
                     "lowrank_only": sum(lr_err) / trials,
                 }
@@ -715,6 +750,22 @@ def equal_budget_scatterbrain(
                         "heads": len(best_heads),
                     }
                 )
+                if feature_shares:
+                    splits = [{"num_features": num_features, "window": window, "rel_error": sb_mean}]
+                    for share in feature_shares:
+                        m, w = _split_budget(N, D, s.causal, sparse, budget, kind, share)
+                        if any((m, w) == (x["num_features"], x["window"]) for x in splits):
+                            continue
+                        err, _ = _scatterbrain_error(q, k, v, exact, num_features=m, window=w, **common)
+                        splits.append({"num_features": m, "window": w, "rel_error": err})
+                    best = min(splits, key=lambda x: x["rel_error"])
+                    rows[-1]["splits"] = splits
+                    rows[-1]["best_split"] = {
+                        **best,
+                        "ratio_vs_sparse_only": best["rel_error"] / mean["sparse_only"],
+                        "ratio_vs_lowrank_only": best["rel_error"] / mean["lowrank_only"],
+                        "below_both": best["rel_error"] < min(mean["sparse_only"], mean["lowrank_only"]),
+                    }
     return rows
 
 
@@ -1076,7 +1127,7 @@ def run(args) -> dict:
     )  # fmt: skip
     result["scatterbrain_equal_budget"] = equal_budget_scatterbrain(
         samples, device=device, num_features=args.sb_features, window=args.sb_window, trials=args.sb_trials,
-        feature_map=feature_map,
+        feature_map=feature_map, feature_shares=getattr(args, "sb_feature_shares", None) or (),
     )  # fmt: skip
     result["evaluate_seconds"] = round(time.perf_counter() - t0, 1)
     result["summary"] = _equal_budget_summary(result["scatterbrain_equal_budget"])
@@ -1103,6 +1154,13 @@ def _equal_budget_summary(rows: list[dict]) -> dict:
             "median_ratio_vs_sparse_only": med([r["ratio_vs_sparse_only"] for r in sel]),
             "median_ratio_vs_lowrank_only": med([r["ratio_vs_lowrank_only"] for r in sel]),
         }
+        tuned = [r["best_split"] for r in sel if "best_split" in r]
+        if tuned:
+            out[f"{key[0]}/{key[1]}"]["best_split"] = {
+                "below_both_fraction": sum(b["below_both"] for b in tuned) / len(tuned),
+                "median_ratio_vs_sparse_only": med([b["ratio_vs_sparse_only"] for b in tuned]),
+                "median_ratio_vs_lowrank_only": med([b["ratio_vs_lowrank_only"] for b in tuned]),
+            }
     return out
 
 

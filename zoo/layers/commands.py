@@ -85,6 +85,13 @@ def add_approx_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sb-trials", type=int, default=3, help="draws of features and hashes averaged")
     p.add_argument(
+        "--sb-feature-shares",
+        type=float,
+        nargs="+",
+        default=None,
+        help="also try Scatterbrain at these shares of the budget spent on features (best split reported)",
+    )
+    p.add_argument(
         "--sb-feature-map",
         choices=["cosh", "positive"],
         default="cosh",
