@@ -193,8 +193,7 @@ def test_cuda_inference_kernel_matches_dense_reference(grid, window, shift, cros
     ctx = torch.randn(2, *grid, 16) if cross else None
     gpu = copy.deepcopy(attn).cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        q_probe = torch.empty(1, 1, 1, 1, device="cuda", dtype=dtype)
-        assert gpu._use_kernel(q_probe)
+        assert gpu._use_kernel(x.cuda(), None if ctx is None else ctx.cuda(), 1)
         out = gpu(x.cuda(), None if ctx is None else ctx.cuda()).float().cpu()
         ref = dense_reference(attn, x, ctx)
     assert ((out - ref).norm() / ref.norm()) < (1e-4 if dtype == torch.float32 else 2e-2)
@@ -235,22 +234,29 @@ def test_windows_read_through_the_token_order_match_dense_reference(
     attn = WindowAttention3D(16, 2, window, shift, cross=cross, periodic_axes=periodic).eval()
     with torch.no_grad():
         attn.relative_position_bias_table.normal_()
-    calls = []
-    original = attn._attend_on_grid
-    monkeypatch.setattr(attn, "_use_kernel_on_grid", lambda *args: True)
-    monkeypatch.setattr(attn, "_attend_on_grid", lambda *args: calls.append(1) or original(*args))
+    import zoo.layers.window_attention as module
+
+    orders = []
+    kernel = module.window_attention
+    monkeypatch.setattr(attn, "_use_kernel", lambda *args: True)
+    monkeypatch.setattr(
+        module,
+        "window_attention",
+        lambda *args, token_order=None, **kw: (
+            orders.append(token_order) or kernel(*args, token_order=token_order, **kw)
+        ),
+    )
     x = torch.randn(2, *grid, 16)
     ctx = torch.randn(2, *grid, 16) if cross else None
     with torch.no_grad():
         out = attn(x, ctx)
         ref = dense_reference(attn, x, ctx)
-    assert calls == [1] and out.shape == x.shape
+    assert len(orders) == 1 and orders[0] is not None and out.shape == x.shape
     assert ((out - ref).norm() / ref.norm()) < 1e-5
 
 
-def test_grid_path_is_inference_only():
+def test_kernel_path_is_cuda_inference_only():
     attn = WindowAttention3D(16, 2, (2, 2, 4), (0, 0, 0))
     x = torch.randn(1, 2, 4, 8, 16)
-    assert not attn._use_kernel_on_grid(x, None, 16)  # CPU
     with torch.no_grad():
-        assert not attn._use_kernel_on_grid(x, None, 16)
+        assert not attn._use_kernel(x, None, 16)  # CPU

@@ -303,7 +303,7 @@ def window_attention(
     has_order = token_order is not None
     masks_arg = masks.to(table_dtype).contiguous() if has_masks else bias
     index_arg = mask_index.to(torch.int32).contiguous() if has_masks else bias
-    order_arg = token_order.to(device=q.device, dtype=torch.int32).contiguous() if has_order else bias
+    order_arg = token_order.to(q.device).contiguous() if has_order else bias  # int32 or int64 rows
     block_n = max(16, triton.next_power_of_2(N))
     block_d = max(16, triton.next_power_of_2(D))
     block_m = min(block_n, 64)

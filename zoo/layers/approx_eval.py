@@ -625,6 +625,7 @@ def _scatterbrain_error(q, k, v, exact, *, sparse, num_features, window, causal,
 
 
 def _scatterbrain_cost(n: int, d: int, causal: bool, sparse: str, m: int, window: int, kind: str) -> float:
+    """Scatterbrain's budget: attention FLOPs (``kind="flops"``) or stored attention entries."""
     entries = (
         _local_band_entries(n, window, causal) if sparse == "local" else n * window / (2 if causal else 1)
     )
@@ -681,15 +682,9 @@ def equal_budget_scatterbrain(
         B, H, N, D = q.shape
         exact = exact_attention(q, k, v, s.causal)
         for sparse in ("local", "lsh"):
-            entries = (
-                _local_band_entries(N, window, s.causal)
-                if sparse == "local"
-                else N * window / (2 if s.causal else 1)
-            )
             budgets = {
-                "flops": _performer_flops(N, D, num_features, s.causal)
-                + entries * (4.0 * D + 2.0 * num_features + 2.0),
-                "entries": N * num_features + entries,
+                kind: _scatterbrain_cost(N, D, s.causal, sparse, num_features, window, kind)
+                for kind in ("flops", "entries")
             }
             common = dict(sparse=sparse, causal=s.causal, trials=trials, feature_map=feature_map)
             sb_mean, sb_per_head = _scatterbrain_error(

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.window_attention import MAX_HEAD_DIM, MAX_TOKENS, window_attention, window_attention_supports
+from zoo.kernels.window_attention import MAX_HEAD_DIM, MAX_TOKENS, window_attention
 from zoo.layers.norm import LayerNormAutocast
 
 __all__ = [
@@ -216,12 +216,13 @@ def _mask_index_on_device(
     periodic: tuple[bool, bool, bool],
     fill: float,
     device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Border windows' masks ``(nb, N, N)`` and, per window, its row there (``-1``: interior), on ``device``."""
+    """Border windows' masks ``(nb, N, N)`` in ``dtype`` and, per window, its row there (``-1``: interior), on ``device``."""
     border_mask, border_idx, inner_idx = _split_mask_on_device(padded, window, shift, periodic, fill, device)
     index = torch.full((border_idx.numel() + inner_idx.numel(),), -1, dtype=torch.int32, device=device)
     index[border_idx] = torch.arange(border_idx.numel(), dtype=torch.int32, device=device)
-    return border_mask, index
+    return border_mask.to(dtype), index
 
 
 def _sdpa(
@@ -396,19 +397,8 @@ class WindowAttention3D(nn.Module):
             out.index_copy_(1, border_idx, res.view(batch, -1, h, N, hd))
         return out.view(Bw, h, N, hd)
 
-    def _use_kernel(self, q: torch.Tensor) -> bool:
+    def _use_kernel(self, x: torch.Tensor, context: torch.Tensor | None, tokens: int) -> bool:
         """Inference on CUDA runs ``zoo.kernels.window_attention`` (no autograd, no dropout)."""
-        return (
-            self.fused
-            and q.is_cuda
-            and not (torch.is_grad_enabled() and q.requires_grad)
-            and not (self.training and self.attn_drop > 0)
-            and window_attention_supports(q)
-            and not torch.compiler.is_compiling()
-        )
-
-    def _use_kernel_on_grid(self, x: torch.Tensor, context: torch.Tensor | None, tokens: int) -> bool:
-        """Inference on CUDA without padding: the kernel reads the windows straight from the projected grid."""
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or (context is not None and context.requires_grad)
@@ -417,6 +407,7 @@ class WindowAttention3D(nn.Module):
         return (
             self.fused
             and x.is_cuda
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and not needs_grad
             and not (self.training and self.attn_drop > 0)
             and tokens <= MAX_TOKENS
@@ -434,27 +425,42 @@ class WindowAttention3D(nn.Module):
         shifted = any(s > 0 for s in shift)
         N = window[0] * window[1] * window[2]
         gather, scatter = _window_token_order((D, H, W), padded, window, shift, x.device)
-        if not any(pad) and self._use_kernel_on_grid(x, context, N):
-            return self._attend_on_grid(x, context, gather, window, shift, padded)
+        use_kernel = self._use_kernel(x, context, N)
+        on_grid = use_kernel and not any(pad)  # tokens stay in place; the kernel reads windows via `gather`
 
         def to_windows(t: torch.Tensor) -> torch.Tensor:  # pad, roll and partition as one gather
             if any(pad):
                 t = F.pad(t, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
             return _take_tokens(t.reshape(B, -1, C), gather).view(-1, N, C)
 
-        x_win = to_windows(x)
-        c_win = to_windows(context) if self.cross else None
-        q, k, v = self._project(x_win, c_win)
+        if on_grid:
+            q, k, v = self._project(
+                x.reshape(B, -1, C), None if context is None else context.reshape(B, -1, C)
+            )
+        else:
+            q, k, v = self._project(to_windows(x), to_windows(context) if self.cross else None)
         bias = self.relative_position_bias(N)
-        if self._use_kernel(q):
+        if use_kernel:
             masks = index = None
             if shifted:
                 masks, index = _mask_index_on_device(
-                    padded, window, shift, self.periodic_axes, self.mask_fill, x.device
+                    padded, window, shift, self.periodic_axes, self.mask_fill, x.device, q.dtype
                 )
-            Bw, h, _, hd = q.shape
-            tokens = torch.empty(Bw, N, h, hd, device=q.device, dtype=q.dtype)
-            out = window_attention(q, k, v, bias, self.scale, masks, index, out=tokens.transpose(1, 2))
+            rows, h, tokens, hd = q.shape
+            out_tokens = torch.empty(rows, tokens, h, hd, device=q.device, dtype=q.dtype)
+            out = window_attention(
+                q,
+                k,
+                v,
+                bias,
+                self.scale,
+                masks,
+                index,
+                out=out_tokens.transpose(1, 2),
+                token_order=gather if on_grid else None,
+            )
+            if on_grid:
+                return self.proj_drop(self.proj(out_tokens.view(B, D, H, W, C)))
         elif self.fused:
             split = None
             if shifted:
@@ -470,32 +476,6 @@ class WindowAttention3D(nn.Module):
         out = out.transpose(1, 2).reshape(-1, N, C)
         out = self.proj_drop(self.proj(out))
         return _take_tokens(out.reshape(B, -1, C), scatter).view(B, D, H, W, C)
-
-    def _attend_on_grid(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None,
-        token_order: torch.Tensor,
-        window: Size3,
-        shift: Size3,
-        grid: Size3,
-    ) -> torch.Tensor:
-        """Project every token in place, attend with the windows read through ``token_order``, project back."""
-        B, D, H, W, C = x.shape
-        q, k, v = self._project(x.reshape(B, -1, C), None if context is None else context.reshape(B, -1, C))
-        masks = index = None
-        if any(s > 0 for s in shift):
-            masks, index = _mask_index_on_device(
-                grid, window, shift, self.periodic_axes, self.mask_fill, x.device
-            )
-        N = window[0] * window[1] * window[2]
-        h, hd = self.num_heads, self.head_dim
-        out = torch.empty(B, D * H * W, h, hd, device=x.device, dtype=q.dtype)
-        bias = self.relative_position_bias(N)
-        window_attention(
-            q, k, v, bias, self.scale, masks, index, out=out.transpose(1, 2), token_order=token_order
-        )
-        return self.proj_drop(self.proj(out.view(B, D, H, W, C)))
 
 
 class WindowTransformerBlock3D(nn.Module):

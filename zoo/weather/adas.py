@@ -126,16 +126,15 @@ def conv3d_as_2d(
         )
     B, C, D, H, W = x.shape
     weight = conv.weight.transpose(1, 2).reshape(conv.out_channels, kd * C, kh, kw)
-    if len(rows) == len(cols) == 1:
-        channels_last = F.pad(x.movedim(1, -1), (0, 0, 0, 0, 0, 0, kd // 2, kd // 2))
-        stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1)
-        out = F.conv2d(
-            stacked.flatten(0, 1).permute(0, 3, 1, 2), weight, conv.bias, padding=(kh // 2, kw // 2)
-        )
+    one_tile = len(rows) == len(cols) == 1
+    # kd depth-shifted copies side by side along channels: (B * D, H', W', kd * C), channels last;
+    # with several tiles the rows and columns are zero-padded here, else by the convolution
+    hw_pad = (0, 0, 0, 0) if one_tile else (kw // 2, kw // 2, kh // 2, kh // 2)
+    channels_last = F.pad(x.movedim(1, -1), (0, 0, *hw_pad, kd // 2, kd // 2))
+    stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1).flatten(0, 1)
+    if one_tile:
+        out = F.conv2d(stacked.permute(0, 3, 1, 2), weight, conv.bias, padding=(kh // 2, kw // 2))
     else:
-        padding = (0, 0, kw // 2, kw // 2, kh // 2, kh // 2, kd // 2, kd // 2)
-        channels_last = F.pad(x.movedim(1, -1), padding)
-        stacked = torch.cat([channels_last[:, i : i + D] for i in range(kd)], dim=-1).flatten(0, 1)
         out = None
         row = 0
         for height in rows:
