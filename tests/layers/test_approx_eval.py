@@ -171,6 +171,14 @@ def test_eval_command_end_to_end_on_a_qkv_file(tmp_path):
         "combiner-mixture",
     }
     assert len(result["scatterbrain_equal_budget"]) == 4 and (tmp_path / "t.png").exists()
+    assert "qkv_sources" not in result  # no capture sidecar beside the file
+    qkv.with_suffix(".json").write_text(
+        json.dumps({"checkpoint": "c.safetensors", "model": "m", "labels": [1]})
+    )
+    assert main(["-q", "eval", "approx-attention", "--qkv", str(qkv), "--families", "combiner", "--out", str(tmp_path),
+                 "--name", "t2", "--device", "cpu"]) == 0  # fmt: skip
+    sources = json.loads((tmp_path / "t2.json").read_text())["qkv_sources"]
+    assert sources == [{"qkv": str(qkv), "checkpoint": "c.safetensors", "model": "m"}]
     assert (
         main(
             [

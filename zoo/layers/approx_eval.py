@@ -57,6 +57,7 @@ __all__ = [
     "read_token_file",
     "relative_error",
     "save_samples",
+    "select_examples",
     "sweep",
 ]
 
@@ -90,6 +91,13 @@ class AttentionSample:
                 f"AttentionSample {self.name}: need k, v (B, Hkv, N, D) with Hkv dividing H and the q length, "
                 f"got q {tuple(self.q.shape)}, k {tuple(self.k.shape)}, v {tuple(self.v.shape)}"
             )
+
+
+def select_examples(num_examples: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(num_examples)`` (the first one included)."""
+    if count < 1 or count > num_examples:
+        raise ValueError(f"count: expected 1 to {num_examples} examples, got {count}")
+    return [i * num_examples // count for i in range(count)]
 
 
 @contextlib.contextmanager
@@ -1092,6 +1100,21 @@ def run(args) -> dict:
     sea_train: list[AttentionSample] = []
     for path in args.qkv or []:
         samples += load_samples(path)
+        sidecar = Path(path).with_suffix(".json")  # written by the capture scripts: where the q/k/v came from
+        if sidecar.is_file():
+            info = json.loads(sidecar.read_text())
+            keep = (
+                "checkpoint",
+                "checkpoint_sha256",
+                "model",
+                "task",
+                "split",
+                "accuracy_on_these",
+                "command",
+            )
+            result.setdefault("qkv_sources", []).append(
+                {"qkv": str(path), **{k: info[k] for k in keep if k in info}}
+            )
     source = getattr(args, "model_source", None)  # (model, tokens, info) built by the command
     if source is not None:
         model, tokens, info = source

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from zoo.layers.approx_eval import AttentionSample, save_samples
+from zoo.layers.approx_eval import AttentionSample, save_samples, select_examples
 from zoo.text.modeling_ponet import SDPASelfAttention
 
 __all__ = ["capture_self_attention_qkv", "main", "select_examples"]
@@ -154,13 +154,6 @@ def capture_self_attention_qkv(
         )
         samples.append(AttentionSample(full, q, k, v, causal=False, source=source))
     return samples
-
-
-def select_examples(num_examples: int, count: int) -> list[int]:
-    """``count`` indices spread evenly over ``range(num_examples)`` (the first one included)."""
-    if count < 1 or count > num_examples:
-        raise ValueError(f"count: expected 1 to {num_examples} examples, got {count}")
-    return [i * num_examples // count for i in range(count)]
 
 
 def _load_model(checkpoint: Path, model_name: str | None, task_model: str) -> tuple[nn.Module, dict]:
