@@ -172,6 +172,9 @@ _AUTOTUNE_CONFIGS = [
     (128, 64, 8, 3),
     (128, 64, 4, 3),
     (128, 64, 8, 4),
+    (128, 64, 4, 4),
+    (128, 64, 8, 5),
+    (128, 32, 4, 4),
     (128, 128, 8, 2),
     (128, 128, 8, 3),
     (64, 64, 4, 3),
@@ -207,7 +210,7 @@ def _kernel(name: str) -> Any:
                 ]
                 kernel = triton.autotune(
                     configs,
-                    key=["STRIDE", "HEAD_DIM", "COLS_PER_BLOCK", "CAUSAL", "IEEE"],
+                    key=["STRIDE", "HEAD_DIM", "COLS_PER_BLOCK", "CAUSAL", "IEEE", "EVEN"],
                     prune_configs_by={"early_config_prune": _prune_configs},
                 )(kernel)
             _KERNELS[(name, interpret)] = kernel
@@ -259,6 +262,7 @@ def _antidiagonal_lse_kernel(
     COLS_PER_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
+    EVEN: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -311,17 +315,17 @@ def _antidiagonal_lse_kernel(
     for j in range(0, STRIDE * CHUNKS):
         token = j // CHUNKS
         feat = (j % CHUNKS) * BLOCK_K + offs_k
-        feat_ok = feat < HEAD_DIM
-        q_tile = tl.load(
-            q_rows[:, None] - token * stride_qn + feat[None, :] * stride_qd,
-            mask=row_ok[:, None] & (q_first[:, None] - token < n) & feat_ok[None, :],
-            other=0.0,
-        )
-        k_tile = tl.load(
-            k_rows[:, None] + token * stride_km + feat[None, :] * stride_kd,
-            mask=(k_first[:, None] + token < m) & feat_ok[None, :],
-            other=0.0,
-        )
+        q_ptrs = q_rows[:, None] - token * stride_qn + feat[None, :] * stride_qd
+        k_ptrs = k_rows[:, None] + token * stride_km + feat[None, :] * stride_kd
+        if EVEN and HEAD_DIM % BLOCK_K == 0:  # every row and feature in range: plain loads
+            q_tile = tl.load(q_ptrs)
+            k_tile = tl.load(k_ptrs)
+        else:
+            feat_ok = feat < HEAD_DIM
+            q_tile = tl.load(
+                q_ptrs, mask=row_ok[:, None] & (q_first[:, None] - token < n) & feat_ok[None, :], other=0.0
+            )
+            k_tile = tl.load(k_ptrs, mask=(k_first[:, None] + token < m) & feat_ok[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(q_tile, tl.trans(k_tile), input_precision="ieee")
         else:
@@ -474,6 +478,9 @@ def antidiagonal_block_scores_triton(
     out = torch.zeros(batch, heads, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
     scale_log2 = (1.0 / math.sqrt(dim) / s) * 1.4426950408889634
     ieee = q.dtype == torch.float32 or k.dtype == torch.float32
+    # no partial tile anywhere (every autotuned BLOCK_T divides 128): loads without masks
+    whole = max(128, tile or 0)
+    even = n % block_q == 0 and m % block_k == 0 and cols % whole == 0
     if q.dtype != k.dtype:
         q, k = q.float(), k.float()
     lse = torch.empty(batch, heads, min(rows, chunk_rows), num_k_blocks, dtype=torch.float32, device=q.device)
@@ -513,6 +520,7 @@ def antidiagonal_block_scores_triton(
             COLS_PER_BLOCK=cols_per_block,
             CAUSAL=bool(causal),
             IEEE=ieee,
+            EVEN=even and count % whole == 0,
             **meta,
         )
         blocks_here = count // rows_per_block
