@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ __all__ = [
     "read_token_file",
     "relative_error",
     "save_samples",
+    "save_captured_samples",
     "select_examples",
     "sweep",
 ]
@@ -91,6 +92,46 @@ class AttentionSample:
                 f"AttentionSample {self.name}: need k, v (B, Hkv, N, D) with Hkv dividing H and the q length, "
                 f"got q {tuple(self.q.shape)}, k {tuple(self.k.shape)}, v {tuple(self.v.shape)}"
             )
+
+
+def save_captured_samples(
+    samples: list[AttentionSample],
+    path: str | Path,
+    *,
+    checkpoint: str | Path,
+    split: str,
+    indices: list[int],
+    labels: Tensor,
+    predictions: Tensor,
+    command: str,
+    unit: str = "examples",
+    **details: Any,
+) -> Path:
+    """Write captured samples (``save_samples``) and a JSON sidecar beside them saying where they came from:
+    the checkpoint and its sha256, ``details`` (model, task, ...), the held-out split, example indices,
+    labels, the model's predictions and its accuracy on them, each sample's shape and source, the command.
+    """
+    from zoo.registry import sha256_of
+
+    out = save_samples(samples, path)
+    info = {
+        "qkv": str(out),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha256_of(checkpoint),
+        **details,
+        "split": split,
+        "indices": indices,
+        "labels": labels.tolist(),
+        "predictions": predictions.tolist(),
+        "accuracy_on_these": float((predictions == labels).float().mean()),
+        "samples": [{"name": s.name, "shape": list(s.q.shape), "source": s.source} for s in samples],
+        "command": command,
+    }
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    for s in samples:
+        print(f"{s.name}: q/k/v {tuple(s.q.shape)}; {s.source}")
+    print(f"accuracy on these {len(indices)} {unit}: {info['accuracy_on_these']:.3f}; wrote {out}")
+    return out
 
 
 def select_examples(num_examples: int, count: int) -> list[int]:

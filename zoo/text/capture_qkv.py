@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from zoo.layers.approx_eval import AttentionSample, save_samples, select_examples
+from zoo.layers.approx_eval import AttentionSample, save_captured_samples, select_examples
 from zoo.text.modeling_ponet import SDPASelfAttention
 
 __all__ = ["capture_self_attention_qkv", "main", "select_examples"]
@@ -178,7 +178,6 @@ def _load_model(checkpoint: Path, model_name: str | None, task_model: str) -> tu
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m zoo.text.capture_qkv``: held-out examples through a trained sdpa model; q/k/v to a file."""
-    from zoo.registry import sha256_of
     from zoo.text.lra import collate, get_task
 
     p = argparse.ArgumentParser(prog="python -m zoo.text.capture_qkv", description=main.__doc__)
@@ -212,28 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.eval()
     with torch.no_grad():
         predictions = model(batch["input_ids"], batch["attention_mask"]).logits.argmax(-1)
-    out = save_samples(samples, args.out)
-    labels = batch["labels"]
-    info = {
-        "qkv": str(out),
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_of(checkpoint),
-        **origin,
-        "task": args.task,
-        "split": args.split,
-        "indices": indices,
-        "labels": labels.tolist(),
-        "predictions": predictions.tolist(),
-        "accuracy_on_these": float((predictions == labels).float().mean()),
-        "samples": [{"name": s.name, "shape": list(s.q.shape), "source": s.source} for s in samples],
-        "command": " ".join(
-            ["python -m zoo.text.capture_qkv", *(argv if argv is not None else sys.argv[1:])]
-        ),
-    }
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    for s in samples:
-        print(f"{s.name}: q/k/v {tuple(s.q.shape)}; {s.source}")
-    print(f"accuracy on these {len(indices)} examples: {info['accuracy_on_these']:.3f}; wrote {out}")
+    command = " ".join(["python -m zoo.text.capture_qkv", *(argv if argv is not None else sys.argv[1:])])
+    save_captured_samples(samples, args.out, checkpoint=checkpoint, split=args.split, indices=indices,
+                          labels=batch["labels"], predictions=predictions, command=command, **origin,
+                          task=args.task)  # fmt: skip
     return 0
 
 

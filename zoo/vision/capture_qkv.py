@@ -18,7 +18,6 @@ sidecar naming the checkpoint, the images, their labels and the model's predicti
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.layers.approx_eval import AttentionSample, capture_sdpa_qkv, save_samples, select_examples
+from zoo.layers.approx_eval import AttentionSample, capture_sdpa_qkv, save_captured_samples, select_examples
 
 __all__ = ["capture_image_attention_qkv", "main"]
 
@@ -100,7 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m zoo.vision.capture_qkv``: held-out images through a trained classifier; q/k/v to a file."""
     from timm.data import create_transform, resolve_data_config
 
-    from zoo.registry import sha256_of
     from zoo.vision.data import DATASET_DEFAULTS, FashionMNIST
     from zoo.vision.validate import _checkpoint_metadata, create_model_for_eval
 
@@ -150,28 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = capture_image_attention_qkv(model, images, label=label)
     with torch.no_grad():
         predictions = model(images).argmax(-1)
-    out = save_samples(samples, args.out)
-    info = {
-        "qkv": str(out),
-        "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha256_of(checkpoint),
-        "model": meta["model"],
-        "model_kwargs": meta.get("model_kwargs"),
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        "split": args.split,
-        "indices": indices,
-        "labels": labels.tolist(),
-        "predictions": predictions.tolist(),
-        "accuracy_on_these": float((predictions == labels).float().mean()),
-        "samples": [{"name": s.name, "shape": list(s.q.shape), "source": s.source} for s in samples],
-        "command": " ".join(
-            ["python -m zoo.vision.capture_qkv", *(argv if argv is not None else sys.argv[1:])]
-        ),
-    }
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    for s in samples:
-        print(f"{s.name}: q/k/v {tuple(s.q.shape)}; {s.source}")
-    print(f"accuracy on these {len(indices)} images: {info['accuracy_on_these']:.3f}; wrote {out}")
+    command = " ".join(["python -m zoo.vision.capture_qkv", *(argv if argv is not None else sys.argv[1:])])
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
+    save_captured_samples(samples, args.out, checkpoint=checkpoint, split=args.split, indices=indices, labels=labels,
+                          predictions=predictions, command=command, unit="images", model=meta["model"],
+                          model_kwargs=meta.get("model_kwargs"), data_config=data_config)  # fmt: skip
     return 0
 
 
