@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["zoo", *(argv if argv is not None else sys.argv[1:])])
     if args.quiet:
         set_quiet(True)
     if not getattr(args, "func", None):

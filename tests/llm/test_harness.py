@@ -10,7 +10,9 @@ import torch
 from zoo.kernels import BlockSparseMask, block_sparse_attention
 from zoo.layers import PBSAttention
 from zoo.llm.harness import (
+    _continue,
     attention_stats,
+    continuation_nll,
     evaluate_lm,
     evaluate_synthetic,
     needle_prompts,
@@ -140,6 +142,48 @@ def test_evaluate_lm_reports_every_layer_head_and_perplexity(tiny_llama, tiny_co
     assert len(sparse["layers"]) == 2 and all(len(layer["coverage"]) == 4 for layer in sparse["layers"])
     assert full["needle"]["accuracy"] == result["dense"]["needle"]["accuracy"]
     assert full["needle"]["trials"][0]["answer"] == result["dense"]["needle"]["trials"][0]["answer"]
+    assert result["continuation_tokens"] == 16
+    assert full["continuation_ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert sparse["continuation_ppl_ratio"] != pytest.approx(1.0, abs=1e-6)
     checks = targets(result)
     assert checks["full"]["coverage>=0.9"] and checks["full"]["ppl_within_2pct"]
+    assert checks["full"]["continuation_ppl_within_2pct"]
     assert tiny_llama.config._attn_implementation == "sdpa"
+
+
+def test_continuation_nll_prefills_with_the_method_and_decodes_densely(tiny_llama):
+    from zoo.llm.patch import sparse_prefill
+
+    ids = torch.randint(3, 300, (2, 96), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = tiny_llama(input_ids=ids).logits.double()
+    # dense prefill: the last 24 tokens' NLL of one full forward pass
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, -25:-1].reshape(-1, logits.shape[-1]), ids[:, -24:].reshape(-1), reduction="sum"
+    )
+    nll, count = continuation_nll(tiny_llama, ids, 24)
+    assert count == 48 and nll == pytest.approx(float(expected), rel=1e-5)
+    # sparse prefill: the method sees the 72 prompt queries only; the continuation runs densely
+    seen = []
+    sparse = dict(block_size=16, stride=4, threshold=0.3)
+
+    def prefill():
+        return sparse_prefill(
+            tiny_llama, "xattention", recorder=lambda i, q, *rest: seen.append(q.shape[2]), **sparse
+        )
+
+    s_nll, _ = continuation_nll(tiny_llama, ids, 24, prefill)
+    assert seen and set(seen) == {72} and s_nll != pytest.approx(nll, rel=1e-6)
+    assert tiny_llama.config._attn_implementation == "sdpa"  # unpatched afterwards
+    with torch.no_grad():
+        with sparse_prefill(tiny_llama, "xattention", **sparse):  # the same prompt prefill, by hand
+            out = tiny_llama(input_ids=ids[:, :72], use_cache=True)
+        rest = _continue(tiny_llama, out, ids[:, 72:])  # unpatched: dense
+    by_hand = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], 1).double()
+    ref = torch.nn.functional.cross_entropy(
+        by_hand.reshape(-1, by_hand.shape[-1]), ids[:, 72:].reshape(-1), reduction="sum"
+    )
+    assert s_nll == pytest.approx(float(ref), rel=1e-5)
+    for bad in (0, 96):
+        with pytest.raises(ValueError, match=r"continuation: expected 1 to 95 tokens"):
+            continuation_nll(tiny_llama, ids, bad)

@@ -212,11 +212,15 @@ def test_eval_prefill_and_pattern_search_commands_run_on_the_trained_model(train
         "0.5",
         "--synthetic-len",
         "256",
+        "--continuation-tokens",
+        "20",
         "--out",
         str(tmp_path),
     ]
     assert main(args) == 0
     result = json.loads((tmp_path / "prefill_eval.json").read_text())
+    assert result["command"] == " ".join(["zoo", *args]) and result["lm"]["continuation_tokens"] == 20
+    assert all("continuation_ppl_ratio" in row for row in result["lm"]["methods"].values())
     assert set(result["lm"]["methods"]) == {
         "xattention",
         "pbs",

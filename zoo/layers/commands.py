@@ -10,7 +10,6 @@ Only argparse is imported here; the work imports live in the handlers.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_approx_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,7 +121,6 @@ def _approx_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.command_line = " ".join(["zoo"] + sys.argv[1:])
     if args.model:
         import zoo
 

@@ -158,7 +158,10 @@ def cmd_eval_prefill(args: argparse.Namespace) -> int:
     from zoo.llm.harness import evaluate_lm, evaluate_synthetic, targets
 
     methods = _methods(args)
-    result: dict[str, Any] = {"methods_evaluated": list(methods)}
+    result: dict[str, Any] = {
+        "command": getattr(args, "command_line", ""),
+        "methods_evaluated": list(methods),
+    }
     if not args.synthetic_only:
         model, tokenizer, device = _load_model_and_tokenizer(args)
         tokens = _text_tokens(args, tokenizer)
@@ -180,6 +183,7 @@ def cmd_eval_prefill(args: argparse.Namespace) -> int:
             needle_length=args.needle_length,
             needle_depths=args.needle_depths,
             needle_numbers=numbers,
+            continuation=args.continuation_tokens,
         )
         lm["model"] = args.checkpoint or args.model
         lm["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -208,14 +212,16 @@ def _print_prefill_table(result: dict[str, Any]) -> None:
             + (f"  needle {needle:.2f}" if needle is not None else "")
         )
         print(
-            f"{'method':<28}{'density':>9}{'coverage':>10}{'relL1':>8}{'cosine':>8}{'ppl':>9}{'ratio':>8}{'needle':>8}"
+            f"{'method':<28}{'density':>9}{'coverage':>10}{'relL1':>8}{'cosine':>8}{'ppl':>9}{'ratio':>8}"
+            f"{'cont.':>8}{'needle':>8}"
         )
         for name, row in lm["methods"].items():
             nd = row.get("needle", {}).get("accuracy")
             print(
                 f"{name:<28}{row.get('mean_density', float('nan')):>9.3f}{row.get('mean_coverage', float('nan')):>10.3f}"
                 f"{row.get('mean_rel_l1', float('nan')):>8.3f}{row.get('mean_cosine', float('nan')):>8.3f}"
-                f"{row['ppl']:>9.3f}{row['ppl_ratio']:>8.4f}{'' if nd is None else f'{nd:>8.2f}'}"
+                f"{row['ppl']:>9.3f}{row['ppl_ratio']:>8.4f}{row.get('continuation_ppl_ratio', float('nan')):>8.4f}"
+                f"{'' if nd is None else f'{nd:>8.2f}'}"
             )
     if "synthetic" in result:
         syn = result["synthetic"]
@@ -366,6 +372,12 @@ def register(top: argparse._SubParsersAction, groups: dict[str, argparse._SubPar
     p.add_argument("--minference-config", help="also evaluate MInference with this searched per-head config")
     p.add_argument(
         "--xattention-config", help="also evaluate XAttention with these profiled per-head thresholds"
+    )
+    p.add_argument(
+        "--continuation-tokens",
+        type=int,
+        default=None,
+        help="tokens scored densely after the method prefilled the rest (default: seq-len / 8)",
     )
     p.add_argument("--needle-trials", type=int, default=2, help="needle numbers (x depths); 0 disables")
     p.add_argument("--needle-length", type=int, default=8192, help="tokens per needle prompt")

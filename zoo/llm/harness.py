@@ -19,6 +19,7 @@ offsets) and a local band, built from per-channel codes so each pattern's logit 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import re
@@ -34,6 +35,7 @@ __all__ = [
     "DEFAULT_METHODS",
     "AttentionStatsRecorder",
     "attention_stats",
+    "continuation_nll",
     "evaluate_lm",
     "evaluate_synthetic",
     "needle_test",
@@ -306,20 +308,52 @@ def evaluate_synthetic(
 
 
 # ------------------------------------------------------------------------------------------- LM
+def _continue(model: nn.Module, out, input_ids: Tensor):
+    """Run ``input_ids`` after the KV cache of the forward output ``out``."""
+    # transformers 5.2x calls the KV cache ``cache``; earlier releases ``past_key_values``
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past = out.get(name) if out.get(name) is not None else out.get("past_key_values")
+    return model(input_ids=input_ids, use_cache=True, **{name: past})
+
+
 @torch.no_grad()
 def _greedy(model: nn.Module, input_ids: Tensor, new_tokens: int) -> list[int]:
     """Greedy continuation with the KV cache: prefill once, then one token per step."""
-    # transformers 5.2x calls the KV cache ``cache``; earlier releases ``past_key_values``
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=input_ids, use_cache=True)
     generated = []
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(new_tokens):
         generated.append(int(token))
-        past = out.get(name) if out.get(name) is not None else out.get("past_key_values")
-        out = model(input_ids=token, use_cache=True, **{name: past})
+        out = _continue(model, out, token)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return generated
+
+
+@torch.no_grad()
+def continuation_nll(
+    model: nn.Module, input_ids: Tensor, continuation: int, prefill: Any = None
+) -> tuple[float, int]:
+    """Summed NLL of the last ``continuation`` tokens of ``input_ids [B, T]`` after a prefill of the rest.
+
+    The first ``T - continuation`` tokens run in one forward pass inside ``prefill()`` (a context
+    manager factory, e.g. ``lambda: sparse_prefill(model, "xattention")``; None: dense); the
+    continuation then runs densely against that KV cache in one teacher-forced forward pass, as
+    generation after a sparse prefill would. Its first token is predicted by the prompt's last row.
+    """
+    if input_ids.dim() != 2 or not 1 <= continuation < input_ids.shape[1]:
+        raise ValueError(
+            f"continuation: expected 1 to {input_ids.shape[1] - 1} tokens of input_ids {tuple(input_ids.shape)}, "
+            f"got {continuation}"
+        )
+    split = input_ids.shape[1] - continuation
+    with prefill() if prefill is not None else contextlib.nullcontext():
+        out = model(input_ids=input_ids[:, :split], use_cache=True)
+    rest = _continue(model, out, input_ids[:, split:])
+    logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1).float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), input_ids[:, split:].reshape(-1), reduction="sum"
+    )
+    return float(nll), input_ids.shape[0] * continuation
 
 
 def needle_prompts(
@@ -375,17 +409,30 @@ def evaluate_lm(
     needle_depths: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
     needle_numbers: Sequence[int] = (48213, 70529),
     stats_chunk: int = 1024,
+    continuation: int | None = None,
 ) -> dict[str, Any]:
-    """Dense vs sparse prefill on one sequence ``input_ids [1, T]``: stats, perplexity, needle."""
+    """Dense vs sparse prefill on one sequence ``input_ids [1, T]``: stats, perplexity, needle.
+
+    Two perplexities per method: ``ppl`` of the whole sequence with every position computed by the
+    method, and ``continuation_ppl`` of its last ``continuation`` tokens (default ``T // 8``) decoded
+    densely after the method prefilled the rest (:func:`continuation_nll`).
+    """
     from zoo.llm.model import perplexity, sequence_nll
     from zoo.llm.patch import sparse_prefill
 
     methods = DEFAULT_METHODS if methods is None else methods
     device = input_ids.device
+    continuation = continuation or max(1, input_ids.shape[1] // 8)
     nll, count = sequence_nll(model, input_ids)
+    c_nll, c_count = continuation_nll(model, input_ids, continuation)
     result: dict[str, Any] = {
         "tokens": int(input_ids.shape[1]),
-        "dense": {"nll": nll / count, "ppl": perplexity(nll, count)},
+        "continuation_tokens": continuation,
+        "dense": {
+            "nll": nll / count,
+            "ppl": perplexity(nll, count),
+            "continuation_ppl": perplexity(c_nll, c_count),
+        },
         "methods": {},
     }
     prompts = None
@@ -409,12 +456,21 @@ def evaluate_lm(
             row["layers"] = [recorder.layers[i] for i in sorted(recorder.layers)]
             if prompts is not None:
                 row["needle"] = needle_test(model, tokenizer, prompts, device)
+        c_nll, c_count = continuation_nll(
+            model,
+            input_ids,
+            continuation,
+            lambda method=method, cfg=cfg: sparse_prefill(model, method, **cfg),
+        )
+        row["continuation_ppl"] = perplexity(c_nll, c_count)
+        row["continuation_ppl_ratio"] = row["continuation_ppl"] / result["dense"]["continuation_ppl"]
         result["methods"][name] = row
         log.info(
-            "%s: ppl %.3f (x%.4f), density %.3f, coverage %.3f%s",
+            "%s: ppl %.3f (x%.4f), continuation x%.4f, density %.3f, coverage %.3f%s",
             name,
             row["ppl"],
             row["ppl_ratio"],
+            row["continuation_ppl_ratio"],
             row.get("mean_density", float("nan")),
             row.get("mean_coverage", float("nan")),
             f", needle {row['needle']['accuracy']:.2f}" if prompts is not None else "",
@@ -431,6 +487,8 @@ def targets(result: dict[str, Any]) -> dict[str, dict[str, bool]]:
             "coverage>=0.9": row.get("mean_coverage", 0.0) >= 0.9,
             "ppl_within_2pct": row["ppl_ratio"] <= 1.02,
         }
+        if "continuation_ppl_ratio" in row:
+            checks["continuation_ppl_within_2pct"] = row["continuation_ppl_ratio"] <= 1.02
         if dense_needle is not None and "needle" in row:
             checks["needle_as_good_as_dense"] = row["needle"]["accuracy"] >= dense_needle
         out[name] = checks
