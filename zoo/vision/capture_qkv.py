@@ -40,7 +40,7 @@ def capture_image_attention_qkv(
     """q, k, v of every SDPA attention call while ``model`` classifies ``images`` ``(B, C, H, W)``.
 
     Returns one non-causal ``AttentionSample`` per attention module, in forward order, on the CPU
-    in fp32. The model runs in eval mode in fp32 (its training flag is restored afterwards).
+    in fp32. The model runs in eval mode (its training flag is restored afterwards).
 
     Raises
     ------
