@@ -283,6 +283,29 @@ def test_causal_invariants_first_and_diagonal_blocks_kept_nothing_above_diagonal
     assert blocks.float().mean() < 0.6
 
 
+@pytest.mark.parametrize("local_blocks", [1, 2])
+def test_local_blocks_force_the_key_blocks_before_the_diagonal(local_blocks):
+    n, m, block = 96, 160, 16
+    q, k = structured_qk(1, 2, 1, n, m, 8, seed=3)
+    paper = XAttention(block_size=block, stride=4, threshold=0.0).estimate(q, k).to_dense()
+    local = XAttention(block_size=block, stride=4, threshold=0.0, local_blocks=local_blocks).estimate(q, k)
+    local = local.to_dense()
+    for i in range(local.shape[2]):
+        first_pos, last_pos = (m - n) + i * block, (m - n) + min((i + 1) * block, n) - 1
+        lo, hi = first_pos // block, last_pos // block
+        expected = torch.zeros(local.shape[-1], dtype=torch.bool)
+        expected[0] = True
+        expected[max(lo - local_blocks, 0) : hi + 1] = True
+        assert torch.equal(local[0, :, i], expected.expand(2, -1)), i  # tau 0: the forced blocks alone
+        assert (local[0, :, i] >= paper[0, :, i]).all()
+    assert local.sum() > paper.sum()
+    # more than one block at a threshold: the extra forced blocks count towards tau
+    dense = XAttention(block_size=block, stride=4, threshold=1.0, local_blocks=local_blocks).estimate(q, k)
+    assert torch.equal(
+        dense.to_dense(), XAttention(block_size=block, stride=4, threshold=1.0).estimate(q, k).to_dense()
+    )
+
+
 def test_grouped_query_attention_equals_repeated_kv():
     q, k = structured_qk(2, 6, 2, 80, 80, 8, seed=1)
     v = torch.randn_like(k)
@@ -317,6 +340,9 @@ def test_bad_inputs_raise_clear_errors():
         XAttention(block_size=100, stride=8)
     with pytest.raises(ValueError, match="threshold"):
         XAttention(threshold=1.5)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match=r"local_blocks: expected an int >= 0, got"):
+            XAttention(local_blocks=bad)
     with pytest.raises(ValueError, match="threshold"):
         XAttention(block_size=16, stride=4, threshold=torch.tensor([0.5, 0.9])).estimate(q, k)
     with pytest.raises(ValueError, match="q: expected a float tensor"):

@@ -16,6 +16,7 @@ from zoo.llm.harness import (
     evaluate_lm,
     evaluate_synthetic,
     needle_prompts,
+    nll_increase_by_block_row,
     planted_elements,
     synthetic_qkv,
     targets,
@@ -143,6 +144,8 @@ def test_evaluate_lm_reports_every_layer_head_and_perplexity(tiny_llama, tiny_co
     assert full["needle"]["accuracy"] == result["dense"]["needle"]["accuracy"]
     assert full["needle"]["trials"][0]["answer"] == result["dense"]["needle"]["trials"][0]["answer"]
     assert result["continuation_tokens"] == 16
+    assert set(sparse["nll_increase_by_block_row"]) == {"0-8", "8-16"}  # block_size 16 of the config
+    assert full["nll_increase_by_block_row"] == pytest.approx({"0-8": 0.0, "8-16": 0.0}, abs=1e-5)
     assert full["continuation_ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert sparse["continuation_ppl_ratio"] != pytest.approx(1.0, abs=1e-6)
     checks = targets(result)
@@ -187,3 +190,13 @@ def test_continuation_nll_prefills_with_the_method_and_decodes_densely(tiny_llam
     for bad in (0, 96):
         with pytest.raises(ValueError, match=r"continuation: expected 1 to 95 tokens"):
             continuation_nll(tiny_llama, ids, bad)
+
+
+def test_nll_increase_by_block_row_bins_positions_inside_their_block():
+    increase = torch.zeros(2, 63)
+    pos = torch.arange(63)
+    increase[:, (pos % 16) < 4] = 1.0  # the first 4 rows of every block of 16
+    increase[:, :16] = 5.0  # the first block is left out
+    got = nll_increase_by_block_row(increase, 16, edges=(0, 4, 8))
+    assert got == pytest.approx({"0-4": 1.0, "4-8": 0.0, "8-16": 0.0})
+    assert list(nll_increase_by_block_row(increase, 4)) == ["0-4"]  # edges past the block are dropped

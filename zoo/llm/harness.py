@@ -39,6 +39,7 @@ __all__ = [
     "evaluate_lm",
     "evaluate_synthetic",
     "needle_test",
+    "nll_increase_by_block_row",
     "planted_elements",
     "synthetic_qkv",
 ]
@@ -329,6 +330,25 @@ def _greedy(model: nn.Module, input_ids: Tensor, new_tokens: int) -> list[int]:
     return generated
 
 
+def nll_increase_by_block_row(
+    increase: Tensor, block_size: int, edges: Sequence[int] = (0, 8, 32, 64)
+) -> dict:
+    """Mean NLL increase ``[B, T - 1]`` (sparse minus dense, per predicting position) by the position's
+    row inside its query block of ``block_size``: ``{"0-8": ..., "8-32": ..., ...}`` over rows at or
+    after the first block (the first block attends to itself alone). Block selection is shared by a
+    block's queries, so the first rows, whose recent context lies in the previous key block, show
+    what selection costs them."""
+    pos = torch.arange(increase.shape[-1], device=increase.device)
+    row = pos % block_size
+    bounds = [e for e in edges if e < block_size] + [block_size]
+    out = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        sel = (row >= lo) & (row < hi) & (pos >= block_size)
+        if bool(sel.any()):
+            out[f"{lo}-{hi}"] = float(increase[..., sel].double().mean())
+    return out
+
+
 @torch.no_grad()
 def continuation_nll(
     model: nn.Module, input_ids: Tensor, continuation: int, prefill: Any = None
@@ -417,13 +437,14 @@ def evaluate_lm(
     method, and ``continuation_ppl`` of its last ``continuation`` tokens (default ``T // 8``) decoded
     densely after the method prefilled the rest (:func:`continuation_nll`).
     """
-    from zoo.llm.model import perplexity, sequence_nll
+    from zoo.llm.model import perplexity, token_nll
     from zoo.llm.patch import sparse_prefill
 
     methods = DEFAULT_METHODS if methods is None else methods
     device = input_ids.device
     continuation = continuation or max(1, input_ids.shape[1] // 8)
-    nll, count = sequence_nll(model, input_ids)
+    dense_tokens = token_nll(model, input_ids)
+    nll, count = float(dense_tokens.double().sum()), dense_tokens.numel()
     c_nll, c_count = continuation_nll(model, input_ids, continuation)
     result: dict[str, Any] = {
         "tokens": int(input_ids.shape[1]),
@@ -447,11 +468,14 @@ def evaluate_lm(
     for name, (method, cfg) in methods.items():
         recorder = AttentionStatsRecorder(stats_chunk)
         with sparse_prefill(model, method, recorder=recorder, **cfg) as handle:
-            s_nll, s_count = sequence_nll(model, input_ids)
+            s_tokens = token_nll(model, input_ids)
             handle.set_recorder(None)
             row: dict[str, Any] = {"method": method, "config": {k: _plain(v) for k, v in cfg.items()}}
-            row["ppl"] = perplexity(s_nll, s_count)
+            row["ppl"] = perplexity(float(s_tokens.double().sum()), s_tokens.numel())
             row["ppl_ratio"] = row["ppl"] / result["dense"]["ppl"]
+            row["nll_increase_by_block_row"] = nll_increase_by_block_row(
+                s_tokens - dense_tokens, int(cfg.get("block_size", 128))
+            )
             row.update(recorder.summary())
             row["layers"] = [recorder.layers[i] for i in sorted(recorder.layers)]
             if prompts is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "load_pretrained_tokenizer",
     "register_shipped_weights",
     "sequence_nll",
+    "token_nll",
 ]
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -210,28 +211,32 @@ def load_pretrained_tokenizer(name: str):
 
 
 @torch.no_grad()
+def token_nll(model: nn.Module, input_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Next-token negative log-likelihood (nats, fp32) ``[B, T - 1]``: entry ``p`` is that of token
+    ``p + 1`` given tokens ``0..p``, from one forward pass over each row of ``input_ids [B, T]``."""
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids: expected [B, T] with T >= 2, got {tuple(input_ids.shape)}")
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    parts = []
+    step = chunk or logits.shape[1]
+    for start in range(0, logits.shape[1] - 1, step):
+        stop = min(start + step, logits.shape[1] - 1)
+        part = logits[:, start:stop].float()
+        nll = torch.nn.functional.cross_entropy(
+            part.reshape(-1, part.shape[-1]), input_ids[:, start + 1 : stop + 1].reshape(-1), reduction="none"
+        )
+        parts.append(nll.view(input_ids.shape[0], -1))
+    return torch.cat(parts, dim=1)
+
+
 def sequence_nll(model: nn.Module, input_ids: torch.Tensor, chunk: int | None = None) -> tuple[float, int]:
     """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
 
     ``input_ids [B, T]``: one forward pass over each row (no sliding window); every position but the
     first is predicted.
     """
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids: expected [B, T] with T >= 2, got {tuple(input_ids.shape)}")
-    logits = model(input_ids=input_ids, use_cache=False).logits
-    total = 0.0
-    step = chunk or logits.shape[1]
-    for start in range(0, logits.shape[1] - 1, step):
-        stop = min(start + step, logits.shape[1] - 1)
-        part = logits[:, start:stop].float()
-        total += float(
-            torch.nn.functional.cross_entropy(
-                part.reshape(-1, part.shape[-1]),
-                input_ids[:, start + 1 : stop + 1].reshape(-1),
-                reduction="sum",
-            )
-        )
-    return total, input_ids.shape[0] * (input_ids.shape[1] - 1)
+    nll = token_nll(model, input_ids, chunk)
+    return float(nll.double().sum()), nll.numel()
 
 
 def perplexity(nll_sum: float, count: int) -> float:
