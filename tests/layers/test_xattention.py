@@ -395,12 +395,15 @@ def test_vectorised_selection_equals_explicit_rule_on_random_scores(causal, n, m
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stride", [8, 16])
-def test_estimate_on_gpu_bf16_matches_cpu_selection(stride):
+@pytest.mark.parametrize("stride,local_blocks", [(8, 0), (16, 0), (8, 1)])
+def test_estimate_on_gpu_bf16_matches_cpu_selection(stride, local_blocks):
     torch.manual_seed(0)
     q, k = structured_qk(1, 8, 2, 2048, 2048, 64, dtype=torch.float32)
-    layer = XAttention(block_size=128, stride=stride, threshold=0.9)
+    layer = XAttention(block_size=128, stride=stride, threshold=0.9, local_blocks=local_blocks)
     cpu = layer.estimate(q, k).to_dense()
     gpu = layer.estimate(q.cuda().bfloat16(), k.cuda().bfloat16()).to_dense().cpu()
     assert (cpu != gpu).float().mean() < 0.02
     assert gpu[..., 0].all()  # first key block always kept
+    rows = torch.arange(1, gpu.shape[2])
+    for shift in range(local_blocks + 1):  # the diagonal and the local blocks before it, on the GPU too
+        assert gpu[..., rows, (rows - shift).clamp_min(0)].all()
