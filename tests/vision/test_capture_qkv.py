@@ -43,9 +43,10 @@ def test_captured_qkv_reproduce_each_blocks_attention():
     model = _tiny_vit()
     images = torch.randn(3, 3, 16, 16)
     inputs, contexts, handles = _attention_inputs_and_outputs(model)
-    samples = capture_image_attention_qkv(model, images, label="t")
+    samples, logits = capture_image_attention_qkv(model, images, label="t")
     for h in handles:
         h.remove()
+    assert model.training  # restored
     assert [s.name for s in samples] == ["t.blocks.0.attn", "t.blocks.1.attn"]
     for s, x, context, block in zip(samples, inputs, contexts, model.blocks):
         assert (
@@ -60,7 +61,8 @@ def test_captured_qkv_reproduce_each_blocks_attention():
         torch.testing.assert_close(out.transpose(1, 2).reshape(3, 17, 32), context, rtol=1e-5, atol=1e-5)
         probs = torch.softmax(s.q.double() @ s.k.double().transpose(-1, -2) / 4, -1)
         assert probs.max() > 0.5  # far from uniform: the checks above tell positions apart
-    assert model.training  # restored
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.eval()(images))  # the output of the same forward pass
 
 
 def test_a_model_without_sdpa_or_with_masks_is_refused():

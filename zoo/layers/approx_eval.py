@@ -28,6 +28,7 @@ the sweep with matplotlib.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -57,6 +58,7 @@ __all__ = [
     "read_token_file",
     "relative_error",
     "save_samples",
+    "parse_capture_arguments",
     "save_captured_samples",
     "select_examples",
     "sweep",
@@ -92,6 +94,30 @@ class AttentionSample:
                 f"AttentionSample {self.name}: need k, v (B, Hkv, N, D) with Hkv dividing H and the q length, "
                 f"got q {tuple(self.q.shape)}, k {tuple(self.k.shape)}, v {tuple(self.v.shape)}"
             )
+
+
+def parse_capture_arguments(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, checkpoint_help: str, unit: str
+) -> tuple[argparse.Namespace, Path]:
+    """The flags every capture script shares (``--checkpoint``, ``--split``, ``--count``, ``--out``,
+    ``--threads``) added to ``parser`` and parsed; sets the thread count and returns the arguments
+    with the checkpoint path, which must exist."""
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--split", default="test", help="held-out split (default: %(default)s)")
+    parser.add_argument(
+        "--count", type=int, default=8, help=f"{unit}, spread evenly over the split (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output .safetensors (a .json sidecar is written beside it)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise ValueError(f"checkpoint: no such file {checkpoint}")
+    return args, checkpoint
 
 
 def save_captured_samples(

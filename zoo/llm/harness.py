@@ -473,9 +473,8 @@ def evaluate_lm(
             row: dict[str, Any] = {"method": method, "config": {k: _plain(v) for k, v in cfg.items()}}
             row["ppl"] = perplexity(float(s_tokens.double().sum()), s_tokens.numel())
             row["ppl_ratio"] = row["ppl"] / result["dense"]["ppl"]
-            row["nll_increase_by_block_row"] = nll_increase_by_block_row(
-                s_tokens - dense_tokens, int(cfg.get("block_size", 128))
-            )
+            block = next((m.block_size for m in handle.layers.values() if m is not None), 128)
+            row["nll_increase_by_block_row"] = nll_increase_by_block_row(s_tokens - dense_tokens, block)
             row.update(recorder.summary())
             row["layers"] = [recorder.layers[i] for i in sorted(recorder.layers)]
             if prompts is not None:

@@ -27,7 +27,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from zoo.layers.approx_eval import AttentionSample, save_captured_samples, select_examples
+from zoo.layers.approx_eval import (
+    AttentionSample,
+    parse_capture_arguments,
+    save_captured_samples,
+    select_examples,
+)
 from zoo.text.modeling_ponet import SDPASelfAttention
 
 __all__ = ["capture_self_attention_qkv", "main", "select_examples"]
@@ -181,26 +186,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from zoo.text.lra import collate, get_task
 
     p = argparse.ArgumentParser(prog="python -m zoo.text.capture_qkv", description=main.__doc__)
-    p.add_argument("--checkpoint", required=True, help="best.safetensors / checkpoint.pt of zoo train text")
     p.add_argument(
         "--task", default="image", help="LRA task whose examples are encoded (default: %(default)s)"
     )
     p.add_argument(
         "--model", default=None, help="registered model (default: results.json's, else the task's)"
     )
-    p.add_argument("--split", default="test", help="held-out split (default: %(default)s)")
-    p.add_argument(
-        "--count", type=int, default=8, help="examples, spread evenly over the split (default: %(default)s)"
+    args, checkpoint = parse_capture_arguments(
+        p, argv, checkpoint_help="best.safetensors / checkpoint.pt of zoo train text", unit="examples"
     )
-    p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise ValueError(f"checkpoint: no such file {checkpoint}")
     task = get_task(args.task)
     model, origin = _load_model(checkpoint, args.model, task.model)
     data = task.split(args.split)

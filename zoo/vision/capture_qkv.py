@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.layers.approx_eval import AttentionSample, capture_sdpa_qkv, save_captured_samples, select_examples
+from zoo.layers.approx_eval import (
+    AttentionSample,
+    capture_sdpa_qkv,
+    parse_capture_arguments,
+    save_captured_samples,
+    select_examples,
+)
 
 __all__ = ["capture_image_attention_qkv", "main"]
 
@@ -36,11 +41,11 @@ REPRODUCTION_TOLERANCE = 1e-4
 
 def capture_image_attention_qkv(
     model: nn.Module, images: Tensor, *, label: str = ""
-) -> list[AttentionSample]:
+) -> tuple[list[AttentionSample], Tensor]:
     """q, k, v of every SDPA attention call while ``model`` classifies ``images`` ``(B, C, H, W)``.
 
     Returns one non-causal ``AttentionSample`` per attention module, in forward order, on the CPU
-    in fp32. The model runs in eval mode (its training flag is restored afterwards).
+    in fp32, and the model's output of that forward pass. The model runs in eval mode (its training flag is restored afterwards).
 
     Raises
     ------
@@ -68,7 +73,7 @@ def capture_image_attention_qkv(
     try:
         F.scaled_dot_product_attention = keep_output  # inner: the capture wraps this one
         with torch.no_grad(), capture_sdpa_qkv(model, max_per_module=1) as found:
-            model(images)
+            logits = model(images)
     finally:
         F.scaled_dot_product_attention = original
         model.train(was_training)
@@ -92,34 +97,23 @@ def capture_image_attention_qkv(
         name = f"{label}.{sample.name}" if label else sample.name
         source = f"{label} {sample.name}: SDPA q/k/v; output reproduced to {err:.1e}".strip()
         samples.append(AttentionSample(name, sample.q, sample.k, sample.v, False, source))
-    return samples
+    return samples, logits
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m zoo.vision.capture_qkv``: held-out images through a trained classifier; q/k/v to a file."""
     from timm.data import create_transform, resolve_data_config
 
-    from zoo.vision.data import DATASET_DEFAULTS, FashionMNIST
-    from zoo.vision.validate import _checkpoint_metadata, create_model_for_eval
+    from zoo.vision.data import FashionMNIST
+    from zoo.vision.validate import _checkpoint_metadata, apply_data_defaults, create_model_for_eval
 
     p = argparse.ArgumentParser(prog="python -m zoo.vision.capture_qkv", description=main.__doc__)
-    p.add_argument("--checkpoint", required=True, help="model.safetensors written by zoo train image")
     p.add_argument(
         "--data-dir", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)"
     )
-    p.add_argument("--split", default="test", help="held-out split (default: %(default)s)")
-    p.add_argument(
-        "--count", type=int, default=8, help="images, spread evenly over the split (default: %(default)s)"
+    args, checkpoint = parse_capture_arguments(
+        p, argv, checkpoint_help="model.safetensors written by zoo train image", unit="images"
     )
-    p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise ValueError(f"checkpoint: no such file {checkpoint}")
     meta = _checkpoint_metadata(str(checkpoint))
     if not meta.get("model"):
         raise ValueError(
@@ -127,15 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     model, _ = create_model_for_eval(meta["model"], checkpoint=str(checkpoint), num_classes=meta.get("num_classes"),
                                      model_kwargs=meta.get("model_kwargs"))  # fmt: skip
-    defaults = {
-        k: v for k, v in DATASET_DEFAULTS["fashion_mnist"].items() if k in ("mean", "std", "crop_pct")
-    }
-    model.pretrained_cfg = {
-        **getattr(model, "pretrained_cfg", {}),
-        **defaults,
-        **(meta.get("data_config") or {}),
-    }
-    model.pretrained_cfg.pop("test_input_size", None)
+    apply_data_defaults(model, meta, fashion=True)
     data_config = resolve_data_config({}, model=model)
     transform = create_transform(**data_config, is_training=False)
     data = FashionMNIST(
@@ -145,9 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = torch.stack([transform(data.image(i)) for i in indices])
     labels = torch.tensor([int(data.targets[i]) for i in indices])
     label = f"{meta['model']}_fashion_mnist"
-    samples = capture_image_attention_qkv(model, images, label=label)
-    with torch.no_grad():
-        predictions = model(images).argmax(-1)
+    samples, logits = capture_image_attention_qkv(model, images, label=label)
+    predictions = logits.argmax(-1)
     command = " ".join(["python -m zoo.vision.capture_qkv", *(argv if argv is not None else sys.argv[1:])])
     data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}
     save_captured_samples(samples, args.out, checkpoint=checkpoint, split=args.split, indices=indices, labels=labels,

@@ -162,6 +162,25 @@ def create_model_for_eval(
     return model, data_config
 
 
+def apply_data_defaults(
+    model: torch.nn.Module, meta: dict[str, Any], fashion: bool, tag_data: Optional[dict[str, Any]] = None
+) -> None:
+    """Put the data config the weights were trained with into ``model.pretrained_cfg``, where
+    ``timm.data.resolve_data_config`` reads it: Fashion-MNIST's defaults, then the registered tag's,
+    then the ``zoo train image`` checkpoint metadata's ``data_config``."""
+    from zoo.vision.data import DATASET_DEFAULTS
+
+    defaults: dict[str, Any] = {}
+    if fashion:
+        defaults.update({k: v for k, v in DATASET_DEFAULTS["fashion_mnist"].items() if k in DATA_KEYS})
+    defaults.update(tag_data or {})
+    defaults.update(meta.get("data_config", {}) or {})
+    if defaults:
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **defaults}
+        if "input_size" in defaults:  # a stored size replaces the model's own test size too
+            model.pretrained_cfg.pop("test_input_size", None)
+
+
 def _resolve_device(name: Optional[str]) -> torch.device:
     if name:
         return torch.device(name)
@@ -222,7 +241,7 @@ def validate(args: argparse.Namespace) -> OrderedDict:
     from timm.data import create_loader, resolve_data_config
     from timm.utils import random_seed
 
-    from zoo.vision.data import DATASET_DEFAULTS, create_image_dataset, is_fashion_mnist
+    from zoo.vision.data import create_image_dataset, is_fashion_mnist
 
     root = args.data or args.data_dir
     if root is not None and not Path(root).exists():
@@ -257,15 +276,7 @@ def validate(args: argparse.Namespace) -> OrderedDict:
     param_count = sum(p.numel() for p in model.parameters())
     log.info("model %s created, %d parameters", model_name, param_count)
 
-    defaults: dict[str, Any] = {}
-    if fashion:
-        defaults.update({k: v for k, v in DATASET_DEFAULTS["fashion_mnist"].items() if k in DATA_KEYS})
-    defaults.update(tag_data)
-    defaults.update(meta.get("data_config", {}) or {})
-    if defaults:
-        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **defaults}
-        if "input_size" in defaults:  # a stored size replaces the model's own test size too
-            model.pretrained_cfg.pop("test_input_size", None)
+    apply_data_defaults(model, meta, fashion, tag_data)
     data_config = resolve_data_config(vars(args), model=model, use_test_size=not args.use_train_size)
 
     model = model.to(device)
